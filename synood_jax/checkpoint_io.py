@@ -1,0 +1,214 @@
+"""Read and write Hugging Face / diffusers checkpoint folders as Flax param trees.
+
+One converter serves every model (CLIP, UNet, VAE, ResNet): Flax modules are named after the
+PyTorch modules, with a list index joined by "_" (torch `layers.3.fc1` is Flax `layers_3/fc1`). The
+leaf name and layout come from the Flax tree we expect: `kernel` (linear: transposed, conv: OIHW ->
+HWIO), `scale` (norm weight), `embedding`, or a raw parameter kept as it is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors",
+                "pytorch_model.bin", "diffusion_pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint folder that cannot be read as asked; the message names the file and key."""
+
+
+def read_config(folder: str, name: str = "config.json") -> dict:
+  path = os.path.join(folder, name)
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: no {name} in checkpoint folder {folder!r}")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def write_config(folder: str, config: Mapping[str, Any], name: str = "config.json") -> None:
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, name), "w") as f:
+    json.dump(dict(config), f, indent=2, sort_keys=True)
+
+
+def _weight_files(folder: str) -> list[str]:
+  """The weight files of a folder: one known name, or every shard named by an index file."""
+  for index_name in ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json",
+                     "pytorch_model.bin.index.json", "diffusion_pytorch_model.bin.index.json"):
+    index = os.path.join(folder, index_name)
+    if os.path.isfile(index):
+      with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+      return [os.path.join(folder, s) for s in shards]
+  for name in WEIGHT_FILES:
+    if os.path.isfile(os.path.join(folder, name)):
+      return [os.path.join(folder, name)]
+  raise CheckpointError(f"{folder}: no weight file (looked for {', '.join(WEIGHT_FILES)} and shard indexes)")
+
+
+def load_state_dict(folder: str) -> tuple[dict[str, np.ndarray], str]:
+  """PyTorch state dict of a folder as float32 numpy arrays, and the file(s) it came from."""
+  files = _weight_files(folder)
+  state: dict[str, np.ndarray] = {}
+  for path in files:
+    if path.endswith(".safetensors"):
+      from safetensors.numpy import load_file
+      try:
+        part = load_file(path)
+      except TypeError:  # bfloat16 has no numpy dtype: go through torch if it is there
+        part = _load_torch(path, safetensors=True)
+    else:
+      part = _load_torch(path, safetensors=False)
+    state.update(part)
+  return state, ", ".join(files)
+
+
+def _load_torch(path: str, safetensors: bool) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError as e:
+    raise CheckpointError(f"{path}: reading this file needs torch (pip install torch), "
+                          "or convert it to float32 safetensors") from e
+  if safetensors:
+    from safetensors.torch import load_file
+    sd = load_file(path)
+  else:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+      sd = sd["state_dict"]
+  return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+
+
+def save_state_dict(folder: str, state: Mapping[str, np.ndarray], name: str = "model.safetensors") -> str:
+  from safetensors.numpy import save_file
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, name)
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata={"format": "pt"})
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Name and layout conversion.
+
+_INDEX = re.compile(r"^\d+$")
+_FLAX_INDEXED = re.compile(r"^(.+)_(\d+)$")
+
+
+def torch_module_path(key: str) -> tuple[str, ...]:
+  """`a.layers.3.fc1.weight` -> ('a', 'layers_3', 'fc1', 'weight')."""
+  out: list[str] = []
+  for part in key.split("."):
+    if _INDEX.match(part) and out:
+      out[-1] = f"{out[-1]}_{part}"
+    else:
+      out.append(part)
+  return tuple(out)
+
+
+def flax_module_key(path: Iterable[str], literal: frozenset[str] = frozenset()) -> str:
+  """Inverse of `torch_module_path` for module names; names in `literal` keep their '_N'."""
+  parts = []
+  for p in path:
+    m = _FLAX_INDEXED.match(p)
+    if m and p not in literal:
+      parts.append(f"{m.group(1)}.{m.group(2)}")
+    else:
+      parts.append(p)
+  return ".".join(parts)
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _unflatten(flat: Mapping[tuple, Any]) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = v
+  return out
+
+
+def _to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+  if leaf == "kernel" and value.ndim == 2:
+    return value.T
+  if leaf == "kernel" and value.ndim == 4:
+    return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  return value
+
+
+def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+  if leaf == "kernel" and value.ndim == 2:
+    return value.T
+  if leaf == "kernel" and value.ndim == 4:
+    return value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+  return value
+
+
+_WEIGHT_LEAVES = ("kernel", "scale", "embedding", "weight")
+
+
+def state_dict_to_params(state: Mapping[str, np.ndarray], expected: Mapping, source: str,
+                         rename: Callable[[str], str | None] = lambda k: k) -> dict:
+  """Convert a PyTorch state dict to the Flax param tree whose shapes `expected` gives.
+
+  `rename(torch_key)` maps a key to the torch-style key of our module tree, or None to drop it
+  (buffers such as position ids). Missing keys, extra keys and shape mismatches raise a
+  `CheckpointError` naming `source`, the key and the shapes.
+  """
+  want = _flatten(expected)
+  got: dict[tuple, np.ndarray] = {}
+  extra = []
+  for key, value in state.items():
+    new_key = rename(key)
+    if new_key is None:
+      continue
+    path = torch_module_path(new_key)
+    module, leaf = path[:-1], path[-1]
+    candidates = [module + (c,) for c in _WEIGHT_LEAVES] if leaf == "weight" else [path]
+    target = next((c for c in candidates if c in want), None)
+    if target is None:
+      extra.append(key)
+      continue
+    value = _to_flax_layout(target[-1], np.asarray(value))
+    shape = tuple(want[target].shape)
+    if value.shape != shape:
+      raise CheckpointError(f"{source}: weight {key!r} has shape {tuple(np.shape(state[key]))}, "
+                            f"the model config expects {shape} (as Flax {'/'.join(target)})")
+    got[target] = value.astype(np.dtype(want[target].dtype)) if hasattr(want[target], "dtype") else value
+  missing = sorted("/".join(p) for p in want if p not in got)
+  if extra:
+    raise CheckpointError(f"{source}: unexpected weight keys not used by the model: {sorted(extra)[:10]}"
+                          + (f" (+{len(extra) - 10} more)" if len(extra) > 10 else ""))
+  if missing:
+    raise CheckpointError(f"{source}: missing weights for {missing[:10]}"
+                          + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+  return _unflatten(got)
+
+
+def params_to_state_dict(params: Mapping, literal: frozenset[str] = frozenset(),
+                         rename: Callable[[str], str] = lambda k: k) -> dict[str, np.ndarray]:
+  """Inverse of `state_dict_to_params`: a float32 PyTorch-layout state dict."""
+  out = {}
+  for path, value in _flatten(params).items():
+    leaf = path[-1]
+    torch_leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
+    key = rename(flax_module_key(path[:-1], literal) + ("." if len(path) > 1 else "") + torch_leaf)
+    out[key] = np.ascontiguousarray(_to_torch_layout(leaf, np.asarray(value, dtype=np.float32)))
+  return out

@@ -1,0 +1,1 @@
+"""Flax Stable Diffusion in-painting: schedulers, pipeline loader, sampler."""

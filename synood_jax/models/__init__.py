@@ -1,0 +1,1 @@
+"""Flax models that load Hugging Face / diffusers / torchvision checkpoints."""

@@ -1,0 +1,141 @@
+"""Device mesh, param sharding rules and global batches, in the big_vision manner.
+
+A mesh has axes ('data', 'fsdp'); batches are sharded over both (every device sees its own rows),
+params are replicated or FSDP-sharded by the first regex rule that matches their path.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension spans every device
+
+
+def maybe_initialize_distributed(multi_host: bool) -> None:
+  """`jax.distributed.initialize()` once, when the config asks for a multi-host job."""
+  if multi_host and jax.process_count() == 1:
+    jax.distributed.initialize()
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp') mesh; a size of -1 takes every device the other axis leaves."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if data == -1 and fsdp == -1:
+    raise ValueError("mesh: at most one of data, fsdp may be -1")
+  if data == -1:
+    data = n // fsdp
+  if fsdp == -1:
+    fsdp = n // data
+  if data * fsdp != n:
+    raise ValueError(f"mesh: data={data} x fsdp={fsdp} does not use the {n} devices")
+  return Mesh(np.asarray(devices).reshape(data, fsdp), MESH_AXES)
+
+
+def mesh_from_config(config) -> Mesh:
+  maybe_initialize_distributed(bool(config.get("multi_host", False)))
+  return make_mesh(config.get("data", -1), config.get("fsdp", 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Param sharding rules: (regex over 'a/b/kernel', tactic). First match wins; no match replicates.
+
+def replicate(shape: Sequence[int], mesh: Mesh) -> P:
+  del shape, mesh
+  return P()
+
+
+def fsdp(shape: Sequence[int], mesh: Mesh, min_size: int = 2**12) -> P:
+  """Shard the largest dimension divisible by the fsdp axis size; small or indivisible: replicate."""
+  n = mesh.shape["fsdp"]
+  if n == 1 or int(np.prod(shape)) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % n == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+TACTICS = {"replicate": replicate, "fsdp": fsdp}
+DEFAULT_RULES = ((".*", "fsdp"),)
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def param_shardings(params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+  """A NamedSharding for each leaf of `params` (arrays or ShapeDtypeStructs)."""
+  compiled = [(re.compile(r), TACTICS[t] if isinstance(t, str) else t) for r, t in rules]
+
+  def one(path, leaf):
+    name = _path_str(path)
+    for regex, tactic in compiled:
+      if regex.fullmatch(name):
+        return NamedSharding(mesh, tactic(np.shape(leaf), mesh))
+    return NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def shard_params(params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+  return jax.device_put(params, param_shardings(params, mesh, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading (batch) dim over every device, other dims whole."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_batch(local: Any, mesh: Mesh) -> Any:
+  """Turn each host's local batch (numpy pytree, leading dim = local rows) into global arrays.
+
+  Single host: a plain sharded device_put. Multi-host: every process passes its own rows and
+  the result is one global array whose batch spans all hosts.
+  """
+  def one(x):
+    x = np.asarray(x)
+    sharding = batch_sharding(mesh, x.ndim)
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, x, global_shape)
+  return jax.tree_util.tree_map(one, local)
+
+
+def pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
+  """Pad rows (repeating the last) up to a multiple; returns the padded array and the true count."""
+  n = x.shape[0]
+  pad = (-n) % multiple
+  if pad:
+    x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)], axis=0)
+  return x, n
+
+
+def to_host(x: Any) -> Any:
+  """Fetch (possibly multi-host sharded) arrays to numpy on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return jax.tree_util.tree_map(np.asarray, x)
+
+
+def cast_floating(tree: Any, dtype) -> Any:
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
