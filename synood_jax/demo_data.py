@@ -60,9 +60,12 @@ def write_demo_images(root: str, classes: dict[str, tuple[str, float]], per_clas
     paths = []
     for i in range(per_class):
       path = os.path.join(folder, f"{name}_{i:04d}{ext}")
+      quality = int(rng.integers(40, 96))
+      pixels = make_image(kind, hue, size, rng)  # drawn even when the file exists: same stream on rerun
       if not os.path.exists(path):
-        quality = int(rng.integers(40, 96))
-        Image.fromarray(make_image(kind, hue, size, rng)).save(path, quality=quality)
+        tmp = path + ".tmp"
+        Image.fromarray(pixels).save(tmp, format="JPEG", quality=quality)
+        os.replace(tmp, path)
       paths.append(path)
     out[name] = paths
   return out
