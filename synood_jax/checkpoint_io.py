@@ -91,7 +91,8 @@ def save_state_dict(folder: str, state: Mapping[str, np.ndarray], name: str = "m
   from safetensors.numpy import save_file
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, name)
-  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata={"format": "pt"})
+  # np.asarray(order="C"), not ascontiguousarray: the latter turns 0-d (logit_scale) into shape (1,)
+  save_file({k: np.asarray(v, order="C") for k, v in state.items()}, path, metadata={"format": "pt"})
   return path
 
 
@@ -210,5 +211,5 @@ def params_to_state_dict(params: Mapping, literal: frozenset[str] = frozenset(),
     leaf = path[-1]
     torch_leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
     key = rename(flax_module_key(path[:-1], literal) + ("." if len(path) > 1 else "") + torch_leaf)
-    out[key] = np.ascontiguousarray(_to_torch_layout(leaf, np.asarray(value, dtype=np.float32)))
+    out[key] = np.asarray(_to_torch_layout(leaf, np.asarray(value, dtype=np.float32)), order="C")
   return out
