@@ -1,0 +1,250 @@
+"""ResNet-50 loader and classifier preprocessing against PyTorch references.
+
+torchvision is not installed (it breaks beside this torch), so the reference is a plain-torch copy of
+torchvision's Bottleneck ResNet whose state-dict keys are exactly torchvision's.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from synood_jax.checkpoint_io import CheckpointError
+from synood_jax.models import resnet
+
+# ----------------------------------------------------------------------------------------------
+# Reference: torchvision.models.resnet (Bottleneck, v1.5), reduced to what the state dict needs.
+
+
+class TorchBottleneck(nn.Module):
+  expansion = 4
+
+  def __init__(self, inplanes, planes, stride=1, downsample=None):
+    super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.relu = nn.ReLU(inplace=True)
+    self.downsample = downsample
+
+  def forward(self, x):
+    identity = x
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    if self.downsample is not None:
+      identity = self.downsample(x)
+    return self.relu(out + identity)
+
+
+class TorchResNet(nn.Module):
+
+  def __init__(self, layers=(3, 4, 6, 3), width=64, num_classes=1000):
+    super().__init__()
+    self.inplanes = width
+    self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    self.relu = nn.ReLU(inplace=True)
+    self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+    self.layer1 = self._make_layer(width, layers[0])
+    self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
+    self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
+    self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
+    self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+    self.fc = nn.Linear(width * 8 * 4, num_classes)
+
+  def _make_layer(self, planes, blocks, stride=1):
+    downsample = None
+    if stride != 1 or self.inplanes != planes * 4:
+      downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
+                                 nn.BatchNorm2d(planes * 4))
+    layers = [TorchBottleneck(self.inplanes, planes, stride, downsample)]
+    self.inplanes = planes * 4
+    layers += [TorchBottleneck(self.inplanes, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+  def forward(self, x):
+    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _random_resnet(layers, width, num_classes, seed):
+  torch.manual_seed(seed)
+  model = TorchResNet(layers, width, num_classes)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+      elif isinstance(m, nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.2, 0.2)
+        m.running_mean.uniform_(-0.2, 0.2)
+        m.running_var.uniform_(0.5, 2.0)
+        m.num_batches_tracked.fill_(7)
+    for block in model.modules():  # keep the residual stream from blowing up over 16 blocks
+      if isinstance(block, TorchBottleneck):
+        block.bn3.weight.mul_(0.3)
+  return model.eval()
+
+
+# Known torchvision resnet50 keys (from torchvision's published state dict), spot-checked below.
+TORCHVISION_KEYS = ["conv1.weight", "bn1.running_var", "bn1.num_batches_tracked", "layer1.0.downsample.0.weight",
+                    "layer1.0.downsample.1.running_mean", "layer2.3.conv3.weight", "layer3.5.bn2.bias",
+                    "layer4.2.bn3.weight", "fc.weight", "fc.bias"]
+
+
+@pytest.fixture(scope="module", params=["tiny", "full"])
+def case(request, tmp_path_factory):
+  if request.param == "tiny":
+    layers, width, classes, size, batch = (1, 1, 1, 1), 8, 10, 64, 2
+  else:
+    layers, width, classes, size, batch = (3, 4, 6, 3), 64, 1000, 64, 1
+  model = _random_resnet(layers, width, classes, seed=0)
+  folder = tmp_path_factory.mktemp(request.param)
+  sd = model.state_dict()
+  torch.save(sd, folder / "resnet.pth")
+  save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "resnet.safetensors"))
+  x = torch.from_numpy(np.random.default_rng(1).normal(size=(batch, 3, size, size)).astype(np.float32))
+  with torch.no_grad():
+    ref = model(x).numpy()
+  return dict(name=request.param, layers=layers, width=width, classes=classes, folder=folder, sd=sd, x=x,
+              ref=ref)
+
+
+def test_state_dict_keys_are_torchvision():
+  keys = set(TorchResNet().state_dict())
+  assert len(keys) == 320  # torchvision resnet50: 53 conv + 53 BN x 5 (incl. num_batches_tracked) + fc x 2
+  for k in TORCHVISION_KEYS:
+    assert k in keys
+
+
+@pytest.mark.parametrize("ext", ["pth", "safetensors"])
+def test_logits_match_torch(case, ext):
+  module, params = resnet.load_resnet(str(case["folder"] / f"resnet.{ext}"), layers=case["layers"],
+                                      width=case["width"], num_classes=case["classes"])
+  x = jnp.asarray(case["x"].numpy().transpose(0, 2, 3, 1))
+  out = np.asarray(jax.jit(module.apply)({"params": params}, x))
+  ref = case["ref"]
+  assert out.shape == ref.shape and out.dtype == np.float32
+  rel = np.max(np.abs(out - ref)) / np.max(np.abs(ref))
+  print(f"{case['name']} {ext}: max|ref|={np.max(np.abs(ref)):.3g} rel err {rel:.2e}")
+  assert rel < 1e-4
+  assert np.argmax(out, -1).tolist() == np.argmax(ref, -1).tolist()
+
+
+def test_missing_key_names_file_and_key(case, tmp_path):
+  if case["name"] != "tiny":
+    pytest.skip("one model is enough")
+  sd = dict(case["sd"])
+  del sd["layer2.0.downsample.1.running_var"]
+  path = tmp_path / "missing.pth"
+  torch.save(sd, path)
+  with pytest.raises(CheckpointError, match=r"missing\.pth.*layer2\.0\.downsample\.1\.running_var"):
+    resnet.load_resnet(str(path), layers=case["layers"], width=case["width"], num_classes=case["classes"])
+
+
+def test_shape_mismatch_names_file_and_key(case, tmp_path):
+  if case["name"] != "tiny":
+    pytest.skip("one model is enough")
+  sd = {k: v.contiguous() for k, v in case["sd"].items()}
+  path = tmp_path / "bad.safetensors"
+  save_file(sd, str(path))
+  # Same file, wrong class count: fc is (10, 256) / (10,) but the model asks for 1000 classes.
+  with pytest.raises(CheckpointError, match=r"bad\.safetensors.*'fc\.(weight|bias)'.*\(10(, 256)?,?\)"):
+    resnet.load_resnet(str(path), layers=case["layers"], width=case["width"], num_classes=1000)
+  sd["layer1.0.conv2.weight"] = torch.zeros(8, 8, 5, 5)
+  save_file(sd, str(path))
+  with pytest.raises(CheckpointError, match=r"bad\.safetensors.*'layer1\.0\.conv2\.weight'"):
+    resnet.load_resnet(str(path), layers=case["layers"], width=case["width"], num_classes=case["classes"])
+
+
+def test_unexpected_key_and_missing_file(tmp_path, case):
+  if case["name"] != "tiny":
+    pytest.skip("one model is enough")
+  sd = dict(case["sd"])
+  sd["layer9.0.conv1.weight"] = torch.zeros(1)
+  path = tmp_path / "extra.pth"
+  torch.save(sd, path)
+  with pytest.raises(CheckpointError, match=r"extra\.pth.*layer9\.0\.conv1\.weight"):
+    resnet.load_resnet(str(path), layers=case["layers"], width=case["width"], num_classes=case["classes"])
+  with pytest.raises(CheckpointError, match="nope.pth"):
+    resnet.load_resnet(str(tmp_path / "nope.pth"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing: torchvision IMAGENET1K_V2 transforms on float tensors = interpolate(bilinear,
+# antialias=True, align_corners=False) of the shorter side to 232, centre crop 224, normalize.
+
+# Measured on [0, 1] float32 inputs: jax.image.resize(bilinear, antialias) and F.interpolate(bilinear,
+# antialias=True, align_corners=False) are the same linear map (in float64 they agree to 1e-13). Ours
+# (float64 weights, float32 matmuls) is within ~1.5e-7 of torch float64; torch's own float32 kernel is
+# within 1.5e-5 of it and jax.image.resize in float32 within ~5e-6 (both from float32 weight rounding).
+ATOL_VS_FLOAT64 = 1e-6
+ATOL_VS_TORCH_FLOAT32 = 3e-5
+
+
+def _torch_preprocess(x_nchw, resize=232, crop=224):
+  h, w = x_nchw.shape[-2:]
+  if w <= h:
+    nh, nw = int(resize * h / w), resize
+  else:
+    nh, nw = resize, int(resize * w / h)
+  y = F.interpolate(x_nchw, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+  top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+  y = y[..., top:top + crop, left:left + crop]
+  mean = torch.tensor(resnet.IMAGENET_MEAN, dtype=y.dtype).view(1, 3, 1, 1)
+  std = torch.tensor(resnet.IMAGENET_STD, dtype=y.dtype).view(1, 3, 1, 1)
+  return (y - mean) / std
+
+
+def test_resize_matches_torch_interpolate_antialias():
+  rng = np.random.default_rng(0)
+  # downsample (SynOOD's 512x512 decode), non-integer downsample, upsample, non-square both ways
+  for shape, size in [((512, 512), (232, 232)), ((300, 411), (232, 317)), ((100, 120), (232, 278)),
+                      ((64, 48), (20, 15))]:
+    x = rng.uniform(size=(2, 3) + shape)
+    xj = jnp.asarray(x.transpose(0, 2, 3, 1), jnp.float32)
+    ours = np.asarray(resnet.resize_bilinear_antialias(xj, size)).transpose(0, 3, 1, 2)
+    jax_rs = jax.image.resize(xj, (2,) + size + (3,), "bilinear", antialias=True,
+                              precision=jax.lax.Precision.HIGHEST)
+    jax_rs = np.asarray(jax_rs).transpose(0, 3, 1, 2)
+    ref64, ref32 = (F.interpolate(torch.from_numpy(x).to(dt), size=size, mode="bilinear", antialias=True,
+                                  align_corners=False).double().numpy() for dt in (torch.float64, torch.float32))
+    err = {"ours-t64": np.max(np.abs(ours - ref64)), "ours-t32": np.max(np.abs(ours - ref32)),
+           "t32-t64": np.max(np.abs(ref32 - ref64)), "jaxresize-t64": np.max(np.abs(jax_rs - ref64))}
+    print(f"resize {shape}->{size}: " + ", ".join(f"{k} {v:.2e}" for k, v in err.items()))
+    assert err["ours-t64"] < ATOL_VS_FLOAT64
+    assert err["ours-t32"] < ATOL_VS_TORCH_FLOAT32
+    assert err["jaxresize-t64"] < ATOL_VS_TORCH_FLOAT32  # same map as jax.image.resize, up to its rounding
+    np.testing.assert_allclose(resnet.bilinear_antialias_weights(shape[0], size[0]).sum(1), 1.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (333, 500)])
+def test_classifier_preprocess_matches_torch(shape):
+  x = np.random.default_rng(2).uniform(size=(2, 3) + shape)
+  out = np.asarray(jax.jit(resnet.classifier_preprocess)(jnp.asarray(x.transpose(0, 2, 3, 1), jnp.float32)))
+  assert out.shape == (2, 224, 224, 3)
+  out = out.transpose(0, 3, 1, 2)
+  for dtype, atol in [(torch.float64, ATOL_VS_FLOAT64), (torch.float32, ATOL_VS_TORCH_FLOAT32)]:
+    ref = _torch_preprocess(torch.from_numpy(x).to(dtype)).double().numpy()
+    err = np.max(np.abs(out - ref))
+    print(f"preprocess {shape} vs torch {dtype}: max abs err {err:.2e} (normalized units)")
+    assert err < atol / min(resnet.IMAGENET_STD)
+
+
+def test_preprocess_helpers_and_gradient():
+  assert resnet.resized_size(375, 500, 232) == (232, 309)
+  assert resnet.resized_size(500, 375, 232) == (309, 232)
+  assert resnet.center_crop_offsets(232, 309, 224) == (4, 42)  # round(42.5) -> 42 (banker's), as torchvision
+  x = jnp.full((1, 64, 64, 3), 0.5)
+  g = jax.grad(lambda im: resnet.classifier_preprocess(im, resize=40, crop=32).sum())(x)
+  assert g.shape == x.shape and float(jnp.abs(g).sum()) > 0
