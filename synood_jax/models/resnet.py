@@ -226,13 +226,16 @@ def resize_bilinear_antialias(x, size: tuple[int, int]):
 
 
 def classifier_preprocess(images_nhwc_01, resize: int | None = 232, crop: int | None = 224,
-                          mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                          mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                          resize_impl: str = "jax"):
   """torchvision `ResNet50_Weights.IMAGENET1K_V2.transforms()` on float images in [0, 1], differentiable.
 
-  Resize the shorter side to `resize` (`resize_bilinear_antialias`: the map of
-  `F.interpolate(mode='bilinear', antialias=True, align_corners=False)` and of
-  `jax.image.resize(..., 'bilinear', antialias=True)`), centre crop `crop` with torchvision's offsets,
-  normalize with mean/std. Input and output NHWC; the input dtype is kept (float32 recommended).
+  Resize the shorter side to `resize` with the map of `F.interpolate(mode='bilinear', antialias=True,
+  align_corners=False)`, centre crop `crop` with torchvision's offsets, normalize with mean/std.
+  `resize_impl`: "jax" = `jax.image.resize(..., 'bilinear', antialias=True)` (float32 weights; on
+  512x512 -> 232 it reproduces torch's float32 output to 2.4e-7, elsewhere to ~1e-5, since both round
+  their weights in float32), "float64" = `resize_bilinear_antialias` (weights in float64: within 1.5e-7 of
+  torch's float64 result). Input and output NHWC; the input dtype is kept (float32 recommended).
   """
   x = jnp.asarray(images_nhwc_01)
   if x.ndim != 4:
@@ -241,7 +244,13 @@ def classifier_preprocess(images_nhwc_01, resize: int | None = 232, crop: int | 
   if resize is not None:
     nh, nw = resized_size(h, w, resize)
     if (nh, nw) != (h, w):
-      x = resize_bilinear_antialias(x, (nh, nw))
+      if resize_impl == "jax":
+        x = jax.image.resize(x, (n, nh, nw, c), method="bilinear", antialias=True,
+                             precision=jax.lax.Precision.HIGHEST)
+      elif resize_impl == "float64":
+        x = resize_bilinear_antialias(x, (nh, nw))
+      else:
+        raise ValueError(f"resize_impl must be 'jax' or 'float64', got {resize_impl!r}")
     h, w = nh, nw
   if crop is not None:
     top, left = center_crop_offsets(h, w, crop)
