@@ -1,0 +1,171 @@
+"""Turn local downloads into checked dataset manifests before any evaluation.
+
+Inputs: the ImageNet val folder (class subfolders), the MOS OOD subsets (iNaturalist, SUN, Places,
+Textures: folders of images), OpenOOD v1.5 image lists with their image root. Outputs, in `out_dir`:
+one `<set>.jsonl` manifest per set (`synood_jax.data.write_manifest`), `index.json` (the sets, their
+roles and counts) and `prepare_report.json` (every missing or unreadable file by path, every count
+mismatch). Missing or unreadable files and count mismatches raise `DataError` naming them, unless
+`allow_partial` (then bad files are left out of the manifests and the problems are logged).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+from absl import logging
+
+from synood_jax import data
+
+# Expected image counts (MOS benchmark subsets as released; ImageNet-1k val).
+EXPECTED_COUNTS = {
+    "imagenet_val": 50_000,
+    "inaturalist": 10_000,
+    "sun": 10_000,
+    "places": 10_000,
+    "textures": 5_640,
+}
+EXPECTED_CLASSES = {"imagenet_val": 1000}
+
+
+@dataclasses.dataclass
+class SetSpec:
+  """One set to prepare. kind: 'folder' (class subfolders), 'flat_folder', 'openood_list', 'tfds'."""
+  name: str
+  kind: str
+  root: str = ""
+  list_path: str = ""
+  role: str = "ood"                # 'id' or 'ood'
+  expected: int | None = None      # None: EXPECTED_COUNTS[name], or the list's line count
+  split: str = ""                  # tfds
+
+  def load(self) -> data.Dataset:
+    if self.kind == "folder":
+      return data.image_folder(self.root, self.name, flat=False)
+    if self.kind == "flat_folder":
+      return data.image_folder(self.root, self.name, flat=True)
+    if self.kind == "openood_list":
+      return data.image_list(self.list_path, self.root, self.name, ood=self.role == "ood")
+    if self.kind == "tfds":
+      return data.load_dataset({"kind": "tfds", "name": self.root, "split": self.split,
+                                "ood": self.role == "ood"}, self.name)
+    raise data.DataError(f"set {self.name}: unknown kind {self.kind!r}")
+
+  def expected_count(self) -> int | None:
+    if self.expected is not None:
+      return self.expected
+    if self.kind == "openood_list":
+      return data.count_list_lines(self.list_path)
+    return EXPECTED_COUNTS.get(self.name.lower())
+
+
+@dataclasses.dataclass
+class PrepareReport:
+  sets: dict                       # name -> {manifest, role, count, expected, classes}
+  missing: dict                    # name -> [paths]
+  unreadable: dict                 # name -> [{path, error}]
+  count_errors: list               # human-readable lines
+
+  @property
+  def ok(self) -> bool:
+    return not (any(self.missing.values()) or any(self.unreadable.values()) or self.count_errors)
+
+  def problems(self, limit: int = 20) -> str:
+    lines = list(self.count_errors)
+    for name, paths in self.missing.items():
+      for p in paths[:limit]:
+        lines.append(f"{name}: missing {p}")
+      if len(paths) > limit:
+        lines.append(f"{name}: ... {len(paths) - limit} more missing")
+    for name, bad in self.unreadable.items():
+      for b in bad[:limit]:
+        lines.append(f"{name}: unreadable {b['path']} ({b['error']})")
+      if len(bad) > limit:
+        lines.append(f"{name}: ... {len(bad) - limit} more unreadable")
+    return "\n".join(lines)
+
+
+def mos_specs(imagenet_val: str | None = None, inaturalist: str | None = None, sun: str | None = None,
+              places: str | None = None, textures: str | None = None) -> list[SetSpec]:
+  """Specs for the MOS benchmark from the folders the user has (None: skipped)."""
+  specs = []
+  if imagenet_val:
+    specs.append(SetSpec("imagenet_val", "folder", imagenet_val, role="id"))
+  for name, root in (("inaturalist", inaturalist), ("sun", sun), ("places", places),
+                     ("textures", textures)):
+    if root:
+      specs.append(SetSpec(name, "flat_folder", root, role="ood"))
+  return specs
+
+
+def openood_specs(list_dir: str, image_root: str, names: dict[str, str] | Sequence[str],
+                  id_names: Sequence[str] = ()) -> list[SetSpec]:
+  """Specs for OpenOOD v1.5 lists: `names` maps set name -> list file (relative to `list_dir`)."""
+  if not isinstance(names, dict):
+    names = {os.path.splitext(os.path.basename(n))[0]: n for n in names}
+  return [SetSpec(name, "openood_list", image_root, os.path.join(list_dir, rel),
+                  role="id" if name in id_names else "ood") for name, rel in names.items()]
+
+
+def prepare(specs: Sequence[SetSpec], out_dir: str, *, allow_partial: bool = False,
+            verify: str = "header", num_threads: int | None = None) -> PrepareReport:
+  """Check every set (files present and readable, counts as expected), then write manifests.
+
+  verify: 'exists' (only that files exist), 'header' (PIL opens and verifies them), 'decode' (full decode).
+  The report is written to `out_dir/prepare_report.json` first, then `DataError` is raised if there are
+  problems and not `allow_partial`; in that case no manifest is written.
+  """
+  if verify not in ("exists", "header", "decode"):
+    raise ValueError(f"verify must be 'exists', 'header' or 'decode', got {verify!r}")
+  names = [s.name for s in specs]
+  if len(set(names)) != len(names):
+    raise ValueError(f"set names must be unique, got {names}")
+  os.makedirs(out_dir, exist_ok=True)
+  report = PrepareReport({}, {}, {}, [])
+  datasets = {}
+  for spec in specs:
+    try:
+      ds = spec.load()
+    except (data.DataError, OSError) as e:
+      report.count_errors.append(f"{spec.name}: cannot list ({e})")
+      continue
+    expected = spec.expected_count()
+    missing = data.missing_files(ds)
+    bad = []
+    if verify != "exists":
+      missing_set = set(missing)
+      todo = [i for i, r in enumerate(ds.records) if r.path not in missing_set]
+      bad = data.check_readable(ds, decode=verify == "decode", num_threads=num_threads, indices=todo)
+    report.missing[spec.name] = missing
+    report.unreadable[spec.name] = [{"path": f.path, "error": f.error} for f in bad]
+    if expected is not None and len(ds) != expected:
+      report.count_errors.append(f"{spec.name}: {len(ds)} images found in {ds.origin}, expected {expected}")
+    want_classes = EXPECTED_CLASSES.get(spec.name.lower())
+    if want_classes and ds.classes is not None and len(ds.classes) != want_classes:
+      report.count_errors.append(f"{spec.name}: {len(ds.classes)} class folders in {ds.origin}, "
+                                 f"expected {want_classes}")
+    drop = set(missing) | {f.path for f in bad}
+    good = [r for r in ds.records if r.path not in drop]
+    datasets[spec.name] = (spec, data.Dataset(ds.name, good, ds.classes, ds.origin), len(ds), expected)
+    logging.info("%s: %d listed, %d missing, %d unreadable (expected %s)", spec.name, len(ds),
+                 len(missing), len(bad), expected)
+
+  for name, (spec, ds, listed, expected) in datasets.items():
+    report.sets[name] = {"manifest": os.path.join(out_dir, f"{name}.jsonl"), "role": spec.role,
+                         "count": len(ds), "listed": listed, "expected": expected,
+                         "classes": len(ds.classes) if ds.classes else None, "origin": ds.origin,
+                         "fingerprint": ds.fingerprint()}
+  with open(os.path.join(out_dir, "prepare_report.json"), "w") as f:
+    json.dump(dataclasses.asdict(report) | {"ok": report.ok}, f, indent=1)
+
+  if not report.ok:
+    if not allow_partial:
+      raise data.DataError(f"data check failed (full list: {out_dir}/prepare_report.json):\n"
+                           f"{report.problems()}")
+    logging.warning("allow_partial: going on despite:\n%s", report.problems())
+  for name, (spec, ds, _, _) in datasets.items():
+    data.write_manifest(ds, report.sets[name]["manifest"])
+  with open(os.path.join(out_dir, "index.json"), "w") as f:
+    json.dump({"sets": report.sets}, f, indent=1)
+  return report

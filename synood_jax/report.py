@@ -1,0 +1,154 @@
+"""Result tables (Markdown, shaped like the papers' Table 1) and plots (ROC curves, score histograms).
+
+Results follow the layout `evaluation.evaluate` writes to results.json:
+  results["methods"][method][convention][ood_set] = {fpr95, auroc, aupr_in, aupr_out}   (fractions)
+  results["methods"][method][convention]["average"] = the same keys, mean over the OOD sets
+  results["ood_sets"] = ordered OOD set names; results["header"] = what produced the numbers.
+Tables print percentages with two decimals, as the papers do.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from synood_jax import metrics
+
+PRETTY = {"inaturalist": "iNaturalist", "sun": "SUN", "places": "Places", "textures": "Textures",
+          "mcm": "MCM", "neglabel": "NegLabel", "synood": "SynOOD"}
+CONVENTION_TEXT = {
+    "id_positive": "ID positive (MOS / MCM / NegLabel): FPR95 = share of OOD accepted at 95% ID recall",
+    "ood_positive": "OOD positive (OpenOOD v1.5): FPR95 = share of ID rejected at 95% OOD recall",
+}
+
+
+def pretty(name: str) -> str:
+  return PRETTY.get(name.lower(), name)
+
+
+def _pct(x) -> str:
+  return "-" if x is None or not np.isfinite(x) else f"{100 * float(x):.2f}"
+
+
+def metrics_table(results: Mapping, convention: str = "id_positive",
+                  columns: Sequence[str] = ("fpr95", "auroc")) -> str:
+  """Rows = methods; columns = each OOD set's metrics, then Average (Markdown)."""
+  sets = list(results["ood_sets"]) + ["average"]
+  arrows = {"fpr95": "FPR95↓", "auroc": "AUROC↑", "aupr_in": "AUPR-In↑", "aupr_out": "AUPR-Out↑"}
+  head1 = ["Method"] + [("Average" if s == "average" else pretty(s)) for s in sets for _ in columns]
+  head2 = [""] + [arrows[c] for _ in sets for c in columns]
+  lines = ["| " + " | ".join(head1) + " |", "| " + " | ".join(head2) + " |",
+           "|" + "|".join([":---"] + [":---:"] * (len(head1) - 1)) + "|"]
+  for method, by_conv in results["methods"].items():
+    row = [pretty(method)]
+    for s in sets:
+      m = by_conv[convention].get(s, {})
+      row += [_pct(m.get(c)) for c in columns]
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def markdown(results: Mapping) -> str:
+  """The whole results.md: a header saying what produced the numbers, then one table per convention."""
+  h = results.get("header", {})
+  out = ["# OOD detection results", ""]
+  out.append(f"- Model: `{h.get('model', '?')}` ({h.get('dtype', '?')})")
+  out.append(f"- ID set: `{h.get('id_set', '?')}` ({h.get('id_count', '?')} images); "
+             f"OOD sets: {', '.join(f'`{s}` ({n})' for s, n in h.get('ood_counts', {}).items())}")
+  out.append(f"- Class names: {h.get('classnames', '?')} ({h.get('num_classes', '?')} classes)")
+  out.append(f"- Prompt templates: {', '.join(repr(t) for t in h.get('templates', []))}")
+  if h.get("negatives"):
+    out.append(f"- Negative labels: {h['negatives']}")
+  if h.get("groups") is not None:
+    out.append(f"- NegLabel groups: {h['groups']}, temperature {h.get('temperature')}, "
+               f"seed {h.get('seed')}; MCM temperature {h.get('mcm_temperature')}")
+  if h.get("preprocess"):
+    out.append(f"- Preprocessing: {h['preprocess']}")
+  if results.get("id_accuracy") is not None:
+    out.append(f"- Zero-shot ID top-1 accuracy: {_pct(results['id_accuracy'])}%")
+  failures = results.get("failures", {})
+  n_fail = sum(len(v) for v in failures.values())
+  out.append(f"- Unreadable images left out: {n_fail}" + (" (listed in results.json)" if n_fail else ""))
+  out.append("")
+  for convention in results.get("conventions", list(metrics.CONVENTIONS)):
+    out += [f"## {CONVENTION_TEXT.get(convention, convention)}", "", metrics_table(results, convention), ""]
+  out += ["AUPR (ID positive convention):", "",
+          metrics_table(results, "id_positive", ("aupr_in", "aupr_out")), ""]
+  return "\n".join(out)
+
+
+def write_markdown(results: Mapping, path: str) -> str:
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(markdown(results))
+  return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots.
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_roc(id_scores: Mapping[str, np.ndarray], ood_scores: Mapping[str, np.ndarray], path: str,
+             title: str = "", convention: str = "id_positive") -> str:
+  """One ROC plot: a curve per method. id_scores / ood_scores: method -> scores for one OOD set."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(4.5, 4.5))
+  for method, s_id in id_scores.items():
+    fpr, tpr, _ = metrics.roc_points(s_id, ood_scores[method], convention)
+    auc = metrics.auroc(s_id, ood_scores[method])
+    ax.plot(fpr, tpr, label=f"{pretty(method)} (AUROC {100 * auc:.2f})", lw=1.5)
+  ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+  ax.axhline(0.95, color="0.6", lw=0.6, ls=":")
+  pos = "ID" if convention == "id_positive" else "OOD"
+  ax.set_xlabel("false positive rate")
+  ax.set_ylabel(f"true positive rate ({pos} positive)")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1.01)
+  ax.set_title(title)
+  ax.legend(loc="lower right", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_histograms(id_scores: np.ndarray, ood_scores: Mapping[str, np.ndarray], path: str,
+                    title: str = "", bins: int = 60) -> str:
+  """Score histograms of the ID set and each OOD set (density, shared bins) for one method."""
+  plt = _pyplot()
+  all_scores = np.concatenate([np.ravel(id_scores)] + [np.ravel(s) for s in ood_scores.values()])
+  lo, hi = float(np.min(all_scores)), float(np.max(all_scores))
+  edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.hist(np.ravel(id_scores), bins=edges, density=True, alpha=0.55, label="ID", color="C0")
+  for k, (name, s) in enumerate(ood_scores.items()):
+    ax.hist(np.ravel(s), bins=edges, density=True, histtype="step", lw=1.5, label=pretty(name),
+            color=f"C{k + 1}")
+  ax.set_xlabel("score (higher = ID)")
+  ax.set_ylabel("density")
+  ax.set_title(title)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def write_plots(scores: Mapping[str, Mapping[str, np.ndarray]], id_set: str, ood_sets: Sequence[str],
+                out_dir: str, convention: str = "id_positive") -> list[str]:
+  """scores[method][set] -> `roc_<set>.png` per OOD set and `hist_<method>.png` per method."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for s in ood_sets:
+    paths.append(plot_roc({m: v[id_set] for m, v in scores.items()}, {m: v[s] for m, v in scores.items()},
+                          os.path.join(out_dir, f"roc_{s}.png"), f"ROC: {id_set} vs {pretty(s)}", convention))
+  for m, v in scores.items():
+    paths.append(plot_histograms(v[id_set], {s: v[s] for s in ood_sets},
+                                 os.path.join(out_dir, f"hist_{m}.png"), f"{pretty(m)} scores"))
+  return paths

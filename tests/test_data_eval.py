@@ -1,0 +1,289 @@
+"""Data loading, dataset preparation and the zero-shot evaluation, against numpy / sklearn."""
+import importlib.util
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from synood_jax import data, evaluation, imagenet_classes, prepare, report
+
+
+def _noise_png(path, rng, color, size=40):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  x = np.clip(np.asarray(color)[None, None] + rng.normal(0, 40, (size, size + 8, 3)), 0, 255)
+  Image.fromarray(x.astype(np.uint8)).save(path)
+
+
+def _corrupt(path):
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
+
+
+def test_imagenet_classes():
+  names = imagenet_classes.IMAGENET_CLASSES
+  assert len(names) == 1000
+  assert names[:3] == ("tench", "goldfish", "great white shark")
+  assert names[-1] == "toilet paper"
+  assert imagenet_classes.load_classnames("imagenet") == list(names)
+  assert imagenet_classes.load_templates("neglabel") == ["the nice {}"]
+  with pytest.raises(ValueError, match="no-such-file"):
+    imagenet_classes.load_classnames("no-such-file")
+
+
+def test_openood_list_parsing(tmp_path):
+  lst = tmp_path / "test_x.txt"
+  lst.write_text("imagenet/val/a b.JPEG 3\n\n# comment\nimagenet/val/c.JPEG 0\n")
+  ds = data.image_list(str(lst), str(tmp_path / "root"))
+  assert [(os.path.relpath(r.path, tmp_path / "root"), r.label) for r in ds.records] == [
+      ("imagenet/val/a b.JPEG", 3), ("imagenet/val/c.JPEG", 0)]
+  assert data.count_list_lines(str(lst)) == 2
+  assert [r.label for r in data.image_list(str(lst), str(tmp_path), ood=True).records] == [-1, -1]
+  assert data.missing_files(ds) == [r.path for r in ds.records]
+  bad = tmp_path / "bad.txt"
+  bad.write_text("a.png 1\nb.png x\n")
+  with pytest.raises(data.DataError, match=r"bad.txt:2: label 'x'"):
+    data.parse_image_list(str(bad), str(tmp_path))
+  # Manifest round trip keeps order, labels and the fingerprint.
+  data.write_manifest(ds, str(tmp_path / "m.jsonl"))
+  back = data.read_manifest(str(tmp_path / "m.jsonl"))
+  assert back.records == ds.records and back.fingerprint() == ds.fingerprint()
+
+
+def test_corrupt_image_reported_by_path(tmp_path, caplog):
+  rng = np.random.default_rng(0)
+  for i in range(5):
+    _noise_png(str(tmp_path / "ood" / f"{i}.png"), rng, (200, 30, 30))
+  _corrupt(str(tmp_path / "ood" / "2.png"))
+  with open(tmp_path / "ood" / "4.png", "r+b") as f:  # truncated
+    f.truncate(60)
+  ds = data.image_folder(str(tmp_path / "ood"))
+  assert ds.classes is None and all(r.label == -1 for r in ds.records) and len(ds) == 5
+  loader = data.ImageLoader(ds, 2, lambda im: np.asarray(im.convert("RGB"), np.float32) / 255,
+                            num_threads=2)
+  with caplog.at_level(logging.WARNING):
+    batches = list(loader)
+  got = np.concatenate([b["index"] for b in batches])
+  np.testing.assert_array_equal(got, [0, 1, 3])
+  for b in batches:
+    for row, i in zip(b["image"], b["index"]):
+      np.testing.assert_array_equal(row, np.asarray(Image.open(ds.records[i].path), np.float32) / 255)
+  bad = sorted(f.path for f in loader.failures)
+  assert bad == [str(tmp_path / "ood" / "2.png"), str(tmp_path / "ood" / "4.png")]
+  assert str(tmp_path / "ood" / "2.png") in caplog.text and "2 of 5 images" in caplog.text
+  assert sorted(f.path for f in data.check_readable(ds, decode=True)) == bad
+
+
+def test_prepare_counts_and_missing(tmp_path):
+  rng = np.random.default_rng(1)
+  for c in ("n01", "n02"):
+    for i in range(3):
+      _noise_png(str(tmp_path / "val" / c / f"{i}.png"), rng, (90, 90, 200))
+  for i in range(4):
+    _noise_png(str(tmp_path / "sun" / "images" / f"{i}.jpg"), rng, (30, 200, 30))
+  (tmp_path / "lists").mkdir()
+  (tmp_path / "lists" / "near.txt").write_text("sun/images/0.jpg 0\nsun/images/1.jpg 0\nsun/images/9.jpg 0\n")
+  specs = [prepare.SetSpec("imagenet_val", "folder", str(tmp_path / "val"), role="id", expected=6),
+           prepare.SetSpec("sun", "flat_folder", str(tmp_path / "sun"), expected=4),
+           prepare.SetSpec("near", "openood_list", str(tmp_path), str(tmp_path / "lists" / "near.txt"))]
+  out = tmp_path / "out"
+  # A listed file that is not there: error naming it, no manifest written, report on disk.
+  with pytest.raises(data.DataError) as e:
+    prepare.prepare(specs, str(out))
+  missing = str(tmp_path / "sun" / "images" / "9.jpg")
+  assert f"near: missing {missing}" in str(e.value)
+  # 2 class folders, not ImageNet's 1000: also reported.
+  assert "imagenet_val: 2 class folders" in str(e.value)
+  rep = json.loads((out / "prepare_report.json").read_text())
+  assert rep["missing"]["near"] == [missing] and not rep["ok"]
+  assert not (out / "sun.jsonl").exists()
+  # Counts: SUN's default expectation is 10,000.
+  with pytest.raises(data.DataError, match=r"sun: 4 images found in .*expected 10000"):
+    prepare.prepare([prepare.SetSpec("sun", "flat_folder", str(tmp_path / "sun"))], str(out))
+  # A corrupt file is reported by path too.
+  _corrupt(str(tmp_path / "sun" / "images" / "3.jpg"))
+  with pytest.raises(data.DataError, match="unreadable " + str(tmp_path / "sun" / "images" / "3.jpg")):
+    prepare.prepare([specs[1]], str(out))
+  # allow_partial: manifests without the bad files.
+  r = prepare.prepare(specs, str(out), allow_partial=True)
+  assert r.sets["near"]["count"] == 2 and r.sets["near"]["listed"] == 3 and r.sets["near"]["expected"] == 3
+  assert r.sets["sun"]["count"] == 3
+  val = data.read_manifest(str(out / "imagenet_val.jsonl"))
+  assert val.classes == ["n01", "n02"] and sorted(set(val.labels.tolist())) == [0, 1]
+  near = data.read_manifest(str(out / "near.jsonl"))
+  assert [r.label for r in near.records] == [-1, -1]
+  idx = json.loads((out / "index.json").read_text())
+  assert set(idx["sets"]) == {"imagenet_val", "sun", "near"}
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end on a tiny CLIP.
+
+def _eval_config(arg=None):
+  spec = importlib.util.spec_from_file_location(
+      "evaluate_config", os.path.join(os.path.dirname(__file__), "..", "configs", "evaluate.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _make_tiny_clip(folder):
+  from synood_jax.models import tiny
+  return tiny.make_tiny_clip(folder, seed=0)
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("eval")
+  rng = np.random.default_rng(0)
+  colors = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
+  for c, col in colors.items():
+    for i in range(6):
+      _noise_png(str(root / "id" / c / f"{i}.png"), rng, col)
+  for i in range(7):
+    _noise_png(str(root / "ood_a" / f"{i}.png"), rng, (128, 128, 128))
+    _noise_png(str(root / "ood_b" / "sub" / f"{i}.jpg"), rng, (230, 200, 40), size=56)
+  _corrupt(str(root / "ood_a" / "3.png"))
+  (root / "neg.txt").write_text("the nice cloud\nthe nice rock\nThis is a dark photo\nthe nice sand\n"
+                                "This is a bright photo\nthe nice tree\nthe nice car\n")
+  clip_path = _make_tiny_clip(str(root / "clip"))
+  config = _eval_config("runlocal")
+  config.clip_path = clip_path
+  config.id_set = f"colors={root / 'id'}"
+  config.ood_sets = f"ood_a={root / 'ood_a'},ood_b={root / 'ood_b'}"
+  config.classnames = str(root / "classes.txt")
+  (root / "classes.txt").write_text("red\ngreen\nblue\n")
+  config.templates = "a photo of a {}."
+  config.negatives.label_list = str(root / "neg.txt")
+  config.groups = 2
+  config.batch_size = 8
+  config.score_batch_size = 32
+  config.num_threads = 2
+  workdir = str(root / "work")
+  results = evaluation.evaluate(config, workdir)
+  return root, config, workdir, results
+
+
+def _np_scores(img, id_text, neg_text, groups, temperature, mcm_temperature):
+  """Independent numpy MCM and NegLabel (grouping: default_rng(0).permutation, remainder dropped)."""
+  def softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+  img, id_text, neg_text = (np.asarray(a, np.float64) for a in (img, id_text, neg_text))
+  mcm = softmax(img @ id_text.T / mcm_temperature).max(axis=1)
+  keep = len(neg_text) - len(neg_text) % groups
+  perm = np.random.default_rng(0).permutation(keep).reshape(groups, -1)
+  per_group = []
+  for g in perm:
+    p = softmax(np.concatenate([img @ id_text.T, img @ neg_text[g].T], axis=1) / temperature)
+    per_group.append(p[:, :len(id_text)].sum(axis=1))
+  return {"mcm": mcm, "neglabel": np.mean(per_group, axis=0)}
+
+
+def _sk_metrics(s_id, s_ood, convention):
+  from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+  y = np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))]
+  s = np.r_[s_id, s_ood]
+  if convention == "id_positive":
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+  else:
+    fpr, tpr, _ = roc_curve(1 - y, -s, drop_intermediate=False)
+  return dict(fpr95=fpr[np.argmax(tpr >= 0.95)], auroc=roc_auc_score(y, s),
+              aupr_in=average_precision_score(y, s), aupr_out=average_precision_score(1 - y, -s))
+
+
+def test_evaluate_outputs_match_sklearn(eval_run):
+  root, config, workdir, results = eval_run
+  on_disk = json.loads(open(os.path.join(workdir, "results.json")).read())
+  assert on_disk["methods"].keys() == {"mcm", "neglabel"}
+  assert on_disk["ood_sets"] == ["ood_a", "ood_b"]
+  # The corrupt OOD image is reported by path, and left out of the features.
+  assert [f["path"] for f in on_disk["failures"]["ood_a"]] == [str(root / "ood_a" / "3.png")]
+  assert on_disk["header"]["ood_counts"] == {"ood_a": 6, "ood_b": 7} and on_disk["header"]["id_count"] == 18
+  text = np.load(os.path.join(workdir, "text_features.npz"))
+  saved = np.load(os.path.join(workdir, "scores.npz"))
+  feats = {}
+  for name in ("colors", "ood_a", "ood_b"):
+    with np.load(on_disk["cache"][name]) as z:
+      feats[name] = z["features"]
+      np.testing.assert_allclose(np.linalg.norm(z["features"], axis=1), 1, atol=1e-5)
+  assert feats["colors"].shape == (18, 16)
+  scores = {name: _np_scores(f, text["id_text"], text["neg_text"], 2, 0.01, 1.0) for name, f in feats.items()}
+  for method in ("mcm", "neglabel"):
+    for name in feats:
+      np.testing.assert_allclose(saved[f"{method}/{name}"], scores[name][method], rtol=1e-4, atol=1e-6)
+    for conv in ("id_positive", "ood_positive"):
+      per = on_disk["methods"][method][conv]
+      sk = {s: _sk_metrics(saved[f"{method}/colors"], saved[f"{method}/{s}"], conv) for s in ("ood_a", "ood_b")}
+      for s in ("ood_a", "ood_b"):
+        for k, v in sk[s].items():
+          np.testing.assert_allclose(per[s][k], v, rtol=1e-12, atol=1e-12, err_msg=f"{method} {conv} {s} {k}")
+      for k in sk["ood_a"]:
+        np.testing.assert_allclose(per["average"][k], (sk["ood_a"][k] + sk["ood_b"][k]) / 2, rtol=1e-12)
+  # Zero-shot ID accuracy from the cached features.
+  labels = np.load(on_disk["cache"]["colors"])["labels"]
+  acc = np.mean(np.argmax(feats["colors"] @ text["id_text"].T, 1) == labels)
+  assert on_disk["id_accuracy"] == pytest.approx(acc)
+
+
+def test_evaluate_report_files(eval_run):
+  root, config, workdir, results = eval_run
+  md = open(os.path.join(workdir, "results.md")).read()
+  assert str(root / "classes.txt") in md and "'a photo of a {}.'" in md
+  assert "| MCM |" in md and "| NegLabel |" in md and "ood_a" in md and "Average" in md
+  fpr = results["methods"]["neglabel"]["id_positive"]["ood_b"]["fpr95"]
+  assert f"{100 * fpr:.2f}" in md
+  for f in ("roc_ood_a.png", "roc_ood_b.png", "hist_mcm.png", "hist_neglabel.png"):
+    with Image.open(os.path.join(workdir, "plots", f)) as im:
+      assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_evaluate_cache_and_tuned_hook(eval_run):
+  root, config, workdir, results = eval_run
+  caches = {k: os.stat(v).st_mtime_ns for k, v in results["cache"].items()}
+  rot = np.linalg.qr(np.random.default_rng(3).normal(size=(16, 16)))[0].astype(np.float32)
+  tuned_neg = np.random.default_rng(4).normal(size=(6, 16)).astype(np.float32)
+  tuned_neg /= np.linalg.norm(tuned_neg, axis=1, keepdims=True)
+  again = evaluation.evaluate(config, workdir, image_transform=lambda x: x @ rot, negative_features=tuned_neg,
+                              extra_methods={"max_cos": lambda x, ctx: (x @ ctx["id_text"].T).max(axis=1)})
+  assert {k: os.stat(v).st_mtime_ns for k, v in again["cache"].items()} == caches  # features from the cache
+  assert again["methods"]["mcm"] == results["methods"]["mcm"]
+  saved = np.load(os.path.join(workdir, "scores.npz"))
+  text = np.load(os.path.join(workdir, "text_features.npz"))
+  with np.load(again["cache"]["ood_b"]) as z:
+    f = z["features"]
+  want = _np_scores(f @ rot, text["id_text"], tuned_neg, 2, 0.01, 1.0)["neglabel"]
+  np.testing.assert_allclose(saved["synood/ood_b"], want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(saved["max_cos/ood_b"], (f @ text["id_text"].T).max(1), rtol=1e-5)
+  assert "| SynOOD |" in open(os.path.join(workdir, "results.md")).read()
+
+
+def test_evaluate_stops_on_missing_file_before_model(tmp_path):
+  rng = np.random.default_rng(5)
+  for i in range(2):
+    _noise_png(str(tmp_path / "ood" / f"{i}.png"), rng, (1, 2, 3))
+  lst = tmp_path / "l.txt"
+  lst.write_text("ood/0.png 0\nood/7.png 0\n")
+  config = _eval_config()
+  config.clip_path = str(tmp_path / "no-model")  # never reached
+  config.id_set = f"id=list:{lst}:{tmp_path}"
+  config.ood_sets = f"o={tmp_path / 'ood'}"
+  with pytest.raises(data.DataError, match="missing " + str(tmp_path / "ood" / "7.png")):
+    evaluation.evaluate(config, str(tmp_path / "work"))
+
+
+def test_markdown_table_layout():
+  results = {"ood_sets": ["inaturalist", "sun"], "conventions": ["id_positive"],
+             "header": {"classnames": "imagenet", "templates": ["the nice {}"]},
+             "methods": {"neglabel": {"id_positive": {
+                 "inaturalist": dict(fpr95=0.0191, auroc=0.9949, aupr_in=0.9, aupr_out=0.8),
+                 "sun": dict(fpr95=0.2053, auroc=0.9549, aupr_in=0.9, aupr_out=0.8),
+                 "average": dict(fpr95=0.1122, auroc=0.9749, aupr_in=0.9, aupr_out=0.8)}}}}
+  table = report.metrics_table(results).splitlines()
+  assert table[0] == "| Method | iNaturalist | iNaturalist | SUN | SUN | Average | Average |"
+  assert table[1] == "|  | FPR95↓ | AUROC↑ | FPR95↓ | AUROC↑ | FPR95↓ | AUROC↑ |"
+  assert table[3] == "| NegLabel | 1.91 | 99.49 | 20.53 | 95.49 | 11.22 | 97.49 |"
+  assert "the nice {}" in report.markdown(results) and "imagenet" in report.markdown(results)
