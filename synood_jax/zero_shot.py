@@ -1,0 +1,78 @@
+"""Zero-shot CLIP classifier weights and image features.
+
+t_c = normalize(mean_k normalize(f_text(template_k(class_c)))), as CLIP's zero-shot ImageNet recipe;
+image features are normalize(f_image(x)), computed with the batch sharded over the mesh.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from synood_jax import parallel
+
+
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+  x = jnp.asarray(x, jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _text_features(bundle, params, ids):
+  return l2_normalize(bundle.encode_text(params, ids))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _image_features(bundle, params, images):
+  return l2_normalize(bundle.encode_image(params, images))
+
+
+def _batched(fn, bundle, params, x: np.ndarray, batch_size: int, mesh: Mesh | None) -> np.ndarray:
+  """fn over fixed-size batches (one compiled shape), the last one padded; rows sharded over `mesh`."""
+  multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
+  # Round up so every device gets equal rows; no bigger than the (rounded) input needs.
+  batch_size = min(-(-batch_size // multiple), -(-len(x) // multiple) or 1) * multiple
+  if mesh is not None:
+    params = _on_mesh(params, mesh)
+  out = []
+  for start in range(0, len(x), batch_size):
+    chunk, n = parallel.pad_batch(x[start:start + batch_size], batch_size)
+    chunk = parallel.global_batch(chunk, mesh) if mesh is not None else jnp.asarray(chunk)
+    out.append(parallel.to_host(fn(bundle, params, chunk))[:n])
+  return np.concatenate(out) if out else np.zeros((0, bundle.config.projection_dim), np.float32)
+
+
+def _on_mesh(params, mesh: Mesh):
+  """Params already placed on `mesh` (replicated or FSDP) stay; anything else is replicated."""
+  def place(x):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
+      return x
+    return jax.device_put(x, parallel.replicated(mesh))
+  return jax.tree_util.tree_map(place, params)
+
+
+def class_text_features(bundle, params, classnames: Sequence[str], templates: Sequence[str],
+                        batch_size: int = 256, mesh: Mesh | None = None) -> np.ndarray:
+  """L2-normalized [C, D] class embeddings: each template filled with the class name (`{}` or
+  `{c}` placeholder), features normalized, averaged over templates, renormalized."""
+  if not classnames or not templates:
+    raise ValueError("class_text_features: need at least one class name and one template")
+  prompts = [t.format(c) if "{}" in t else t.format(c=c) for c in classnames for t in templates]
+  ids = bundle.tokenize(prompts)
+  feats = _batched(_text_features, bundle, params, ids, batch_size, mesh)
+  feats = feats.reshape(len(classnames), len(templates), -1).mean(axis=1)
+  return np.asarray(l2_normalize(feats))
+
+
+def image_features(bundle, params, images: np.ndarray, batch_size: int = 256,
+                   mesh: Mesh | None = None) -> np.ndarray:
+  """L2-normalized [N, D] features of preprocessed NHWC images."""
+  return _batched(_image_features, bundle, params, np.asarray(images, np.float32), batch_size, mesh)
+
+
+__all__ = ["class_text_features", "image_features", "l2_normalize"]
