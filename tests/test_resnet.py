@@ -113,6 +113,8 @@ def case(request, tmp_path_factory):
   sd = model.state_dict()
   torch.save(sd, folder / "resnet.pth")
   save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "resnet.safetensors"))
+  os.makedirs(folder / "hf")  # an HF-style folder holding model.safetensors
+  save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "hf" / "model.safetensors"))
   x = torch.from_numpy(np.random.default_rng(1).normal(size=(batch, 3, size, size)).astype(np.float32))
   with torch.no_grad():
     ref = model(x).numpy()
@@ -121,16 +123,21 @@ def case(request, tmp_path_factory):
 
 
 def test_state_dict_keys_are_torchvision():
-  keys = set(TorchResNet().state_dict())
+  model = TorchResNet()
+  assert sum(p.numel() for p in model.parameters()) == 25_557_032  # torchvision's ResNet50_Weights num_params
+  keys = set(model.state_dict())
   assert len(keys) == 320  # torchvision resnet50: 53 conv + 53 BN x 5 (incl. num_batches_tracked) + fc x 2
   for k in TORCHVISION_KEYS:
     assert k in keys
 
 
-@pytest.mark.parametrize("ext", ["pth", "safetensors"])
+@pytest.mark.parametrize("ext", ["pth", "safetensors", "folder"])
 def test_logits_match_torch(case, ext):
-  module, params = resnet.load_resnet(str(case["folder"] / f"resnet.{ext}"), layers=case["layers"],
-                                      width=case["width"], num_classes=case["classes"])
+  if ext == "folder" and case["name"] != "tiny":
+    pytest.skip("one model is enough")
+  path = case["folder"] / ("hf" if ext == "folder" else f"resnet.{ext}")
+  module, params = resnet.load_resnet(str(path), layers=case["layers"], width=case["width"],
+                                      num_classes=case["classes"])
   x = jnp.asarray(case["x"].numpy().transpose(0, 2, 3, 1))
   out = np.asarray(jax.jit(module.apply)({"params": params}, x))
   ref = case["ref"]
@@ -139,6 +146,44 @@ def test_logits_match_torch(case, ext):
   print(f"{case['name']} {ext}: max|ref|={np.max(np.abs(ref)):.3g} rel err {rel:.2e}")
   assert rel < 1e-4
   assert np.argmax(out, -1).tolist() == np.argmax(ref, -1).tolist()
+
+
+def test_bfloat16_compute(case):
+  if case["name"] != "tiny":
+    pytest.skip("one model is enough")
+  module, params = resnet.load_resnet(str(case["folder"] / "resnet.safetensors"), layers=case["layers"],
+                                      width=case["width"], num_classes=case["classes"], dtype=jnp.bfloat16)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+  out = np.asarray(module.apply({"params": params}, jnp.asarray(case["x"].numpy().transpose(0, 2, 3, 1))))
+  assert out.dtype == np.float32
+  rel = np.max(np.abs(out - case["ref"])) / np.max(np.abs(case["ref"]))
+  print(f"bfloat16 compute: rel err {rel:.2e}")
+  assert rel < 5e-2
+
+
+def test_score_gradient_matches_torch(case):
+  """d s / d image for s = mean(g) - logsumexp(g) through preprocessing and the classifier (SynOOD's loss)."""
+  if case["name"] != "tiny":
+    pytest.skip("one model is enough")
+  model = _random_resnet(case["layers"], case["width"], case["classes"], seed=0)
+  img = np.random.default_rng(3).uniform(size=(1, 3, 256, 256)).astype(np.float32)
+  xt = torch.from_numpy(img).requires_grad_(True)
+  g = model(_torch_preprocess(xt))
+  s = (g.mean(-1) - torch.logsumexp(g, -1)).sum()
+  s.backward()
+  ref_s, ref_grad = s.item(), xt.grad.numpy().transpose(0, 2, 3, 1)
+  module, params = resnet.load_resnet(str(case["folder"] / "resnet.pth"), layers=case["layers"],
+                                      width=case["width"], num_classes=case["classes"])
+
+  def score(x):
+    logits = module.apply({"params": params}, resnet.classifier_preprocess(x))
+    return jnp.sum(jnp.mean(logits, -1) - jax.nn.logsumexp(logits, -1))
+
+  val, grad = jax.jit(jax.value_and_grad(score))(jnp.asarray(img.transpose(0, 2, 3, 1)))
+  rel = np.max(np.abs(np.asarray(grad) - ref_grad)) / np.max(np.abs(ref_grad))
+  print(f"score {float(val):.6f} vs torch {ref_s:.6f}; gradient rel err {rel:.2e}")
+  assert abs(float(val) - ref_s) < 1e-4 * max(1.0, abs(ref_s))
+  assert rel < 1e-3
 
 
 def test_missing_key_names_file_and_key(case, tmp_path):
