@@ -125,16 +125,12 @@ def read_word_lists(noun_file: str, adj_file: str) -> tuple[list[str], list[str]
   return nouns, adjs
 
 
-def _encode(encode_text_fn: Callable, prompts: list[str], batch_size: int, what: str) -> np.ndarray:
-  chunks = []
-  for i in range(0, len(prompts), batch_size):
-    batch = prompts[i:i + batch_size]
-    feats = np.asarray(encode_text_fn(batch), dtype=np.float64)
-    if feats.ndim != 2 or feats.shape[0] != len(batch):
-      raise ValueError(f"mine_negative_labels: encode_text_fn gave shape {feats.shape} for "
-                       f"{len(batch)} {what} prompts; expected [{len(batch)}, D]")
-    chunks.append(feats)
-  return np.concatenate(chunks, axis=0)
+def _encode(encode_text_fn: Callable, prompts: list[str], what: str) -> np.ndarray:
+  feats = np.asarray(encode_text_fn(prompts), dtype=np.float64)
+  if feats.ndim != 2 or feats.shape[0] != len(prompts):
+    raise ValueError(f"mine_negative_labels: encode_text_fn gave shape {feats.shape} for "
+                     f"{len(prompts)} {what} prompts; expected [{len(prompts)}, D]")
+  return feats
 
 
 def mine_negative_labels(encode_text_fn: Callable[[list[str]], np.ndarray], id_classnames: Sequence[str],
@@ -150,19 +146,23 @@ def mine_negative_labels(encode_text_fn: Callable[[list[str]], np.ndarray], id_c
   sort; torch.argsort in NegLabel is not stable). Output: kept nouns by ascending d, then adjectives.
   """
   id_names = {_normalize_word(c) for c in id_classnames}
-  id_feats = _encode(encode_text_fn, [id_template.format(c) for c in id_classnames], batch_size, "ID")
+  id_prompts = [id_template.format(c) for c in id_classnames]
+  id_feats = np.concatenate([_encode(encode_text_fn, id_prompts[i:i + batch_size], "ID")
+                             for i in range(0, len(id_prompts), batch_size)])
   labels, prompts, pos, dists = [], [], [], []
   for tag, words, template in (("noun", nouns, noun_template), ("adj", adjectives, adj_template)):
     words = [w for w in words if _normalize_word(w) not in id_names]
     if not words:
       continue
     word_prompts = [template.format(w) for w in words]
-    feats = _encode(encode_text_fn, word_prompts, batch_size, tag)
-    if feats.shape[1] != id_feats.shape[1]:
-      raise ValueError(f"mine_negative_labels: {tag} features have D={feats.shape[1]}, ID features "
-                       f"D={id_feats.shape[1]}")
-    d = np.concatenate([np.quantile(feats[i:i + batch_size] @ id_feats.T, percentile, axis=1)
-                        for i in range(0, len(words), batch_size)])
+    d = []
+    for i in range(0, len(words), batch_size):  # one batch of features in memory at a time
+      feats = _encode(encode_text_fn, word_prompts[i:i + batch_size], tag)
+      if feats.shape[1] != id_feats.shape[1]:
+        raise ValueError(f"mine_negative_labels: {tag} features have D={feats.shape[1]}, ID features "
+                         f"D={id_feats.shape[1]}")
+      d.append(np.quantile(feats @ id_feats.T, percentile, axis=1))
+    d = np.concatenate(d)
     keep = np.argsort(d, kind="stable")[:int(len(words) * keep_fraction)]
     labels += [words[i] for i in keep]
     prompts += [word_prompts[i] for i in keep]

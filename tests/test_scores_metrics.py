@@ -70,6 +70,17 @@ def test_neglabel_explicit_index_and_single_group(feats):
   np.testing.assert_allclose(scores.neglabel_ungrouped(img, id_text, neg), ref, atol=1e-6)
 
 
+def test_neglabel_inside_jit_with_sharded_batch(feats):
+  import jax
+  from synood_jax import parallel
+  img, id_text, neg = feats
+  mesh = parallel.make_mesh()
+  sharded = parallel.global_batch(img, mesh)  # 16 rows over the 8 fake devices
+  fn = jax.jit(lambda x, t, n: scores.neglabel_score(x, t, n, groups=10, seed=3))
+  np.testing.assert_allclose(np.asarray(fn(sharded, id_text, neg)),
+                             _neglabel_loop(img, id_text, neg, 10, 0.01, 3), atol=1e-6)
+
+
 def test_logit_and_mcm_scores(feats):
   img, id_text, _ = feats
   cos = (img @ id_text.T).astype(np.float64)
