@@ -245,19 +245,27 @@ def tfds_dataset(name: str, split: str, data_dir: str | None = None, *, image_ke
   if label_key and not ood:
     if label_key not in builder.info.features:
       raise DataError(f"tfds {display}: no feature {label_key!r} (has {list(builder.info.features)})")
-    labels = [int(source[i][label_key]) for i in range(n)]
+    labels_source = source
+    if "array_record" in fmt:  # read labels without decoding every image
+      try:
+        labels_source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+      except Exception:  # noqa: BLE001 - decoding everything is slower but correct
+        labels_source = source
+    labels = [int(labels_source[i][label_key]) for i in range(n)]
   classes = None
   feature = builder.info.features[label_key] if label_key and label_key in builder.info.features else None
   if feature is not None and hasattr(feature, "names"):
     classes = list(feature.names)
   records = [Record(f"tfds://{display}/{split}#{i}", labels[i]) for i in range(n)]
-  return Dataset(f"{os.path.basename(str(name).rstrip('/'))}_{split}", records, classes,
+  return Dataset(f"{builder.info.name}_{split}", records, classes,
                  origin=f"tfds:{display}/{split}", source=source, image_key=image_key)
 
 
 def load_dataset(spec: str | dict, name: str | None = None) -> Dataset:
   """A dataset from a spec: a manifest `.jsonl`, an image folder, `list:<list file>:<root>`,
-  `tfds:<name>:<split>`, or a dict {kind: manifest|folder|flat_folder|openood_list|tfds, ...}."""
+  `tfds:<name or builder dir>:<split>`, or a dict: {kind: 'manifest', path} | {kind: 'folder' |
+  'flat_folder', root} | {kind: 'openood_list', list, root, ood} | {kind: 'tfds', dataset, split,
+  data_dir, image_key, label_key, ood}; a dict's optional 'name' names the set."""
   if isinstance(spec, str):
     if spec.startswith("list:"):
       _, list_path, root = spec.split(":", 2)
@@ -282,7 +290,7 @@ def load_dataset(spec: str | dict, name: str | None = None) -> Dataset:
   if kind == "openood_list":
     return image_list(spec["list"], spec["root"], name, ood=spec.get("ood", False))
   if kind == "tfds":
-    ds = tfds_dataset(spec["name"], spec["split"], spec.get("data_dir"),
+    ds = tfds_dataset(spec["dataset"], spec["split"], spec.get("data_dir"),
                       image_key=spec.get("image_key", "image"), label_key=spec.get("label_key", "label"),
                       ood=spec.get("ood", False))
     if name:

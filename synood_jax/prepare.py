@@ -38,7 +38,7 @@ class SetSpec:
   list_path: str = ""
   role: str = "ood"                # 'id' or 'ood'
   expected: int | None = None      # None: EXPECTED_COUNTS[name], or the list's line count
-  split: str = ""                  # tfds
+  split: str = ""                  # tfds (root: the registered name or the builder directory)
 
   def load(self) -> data.Dataset:
     if self.kind == "folder":
@@ -48,7 +48,7 @@ class SetSpec:
     if self.kind == "openood_list":
       return data.image_list(self.list_path, self.root, self.name, ood=self.role == "ood")
     if self.kind == "tfds":
-      return data.load_dataset({"kind": "tfds", "name": self.root, "split": self.split,
+      return data.load_dataset({"kind": "tfds", "dataset": self.root, "split": self.split,
                                 "ood": self.role == "ood"}, self.name)
     raise data.DataError(f"set {self.name}: unknown kind {self.kind!r}")
 

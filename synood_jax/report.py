@@ -36,10 +36,8 @@ def metrics_table(results: Mapping, convention: str = "id_positive",
   """Rows = methods; columns = each OOD set's metrics, then Average (Markdown)."""
   sets = list(results["ood_sets"]) + ["average"]
   arrows = {"fpr95": "FPR95↓", "auroc": "AUROC↑", "aupr_in": "AUPR-In↑", "aupr_out": "AUPR-Out↑"}
-  head1 = ["Method"] + [("Average" if s == "average" else pretty(s)) for s in sets for _ in columns]
-  head2 = [""] + [arrows[c] for _ in sets for c in columns]
-  lines = ["| " + " | ".join(head1) + " |", "| " + " | ".join(head2) + " |",
-           "|" + "|".join([":---"] + [":---:"] * (len(head1) - 1)) + "|"]
+  head = ["Method"] + [f"{'Average' if s == 'average' else pretty(s)} {arrows[c]}" for s in sets for c in columns]
+  lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + [":---:"] * (len(head) - 1)) + "|"]
   for method, by_conv in results["methods"].items():
     row = [pretty(method)]
     for s in sets:

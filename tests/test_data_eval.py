@@ -283,7 +283,45 @@ def test_markdown_table_layout():
                  "sun": dict(fpr95=0.2053, auroc=0.9549, aupr_in=0.9, aupr_out=0.8),
                  "average": dict(fpr95=0.1122, auroc=0.9749, aupr_in=0.9, aupr_out=0.8)}}}}
   table = report.metrics_table(results).splitlines()
-  assert table[0] == "| Method | iNaturalist | iNaturalist | SUN | SUN | Average | Average |"
-  assert table[1] == "|  | FPR95↓ | AUROC↑ | FPR95↓ | AUROC↑ | FPR95↓ | AUROC↑ |"
-  assert table[3] == "| NegLabel | 1.91 | 99.49 | 20.53 | 95.49 | 11.22 | 97.49 |"
+  assert table[0] == ("| Method | iNaturalist FPR95↓ | iNaturalist AUROC↑ | SUN FPR95↓ | SUN AUROC↑ "
+                      "| Average FPR95↓ | Average AUROC↑ |")
+  assert table[1] == "|:---|:---:|:---:|:---:|:---:|:---:|:---:|"
+  assert table[2] == "| NegLabel | 1.91 | 99.49 | 20.53 | 95.49 | 11.22 | 97.49 |"
   assert "the nice {}" in report.markdown(results) and "imagenet" in report.markdown(results)
+
+
+def test_tfds_array_record_source(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  pytest.importorskip("array_record")
+  rng = np.random.default_rng(7)
+  images = rng.integers(0, 255, (5, 20, 24, 3), dtype=np.uint8)
+
+  class TinyImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Tensor(shape=(20, 24, 3), dtype=np.uint8),
+          "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
+
+    def _split_generators(self, dl_manager):
+      return {"test": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(5):
+        yield i, {"image": images[i], "label": i % 3}
+
+  builder = TinyImages(data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare()
+  ds = data.load_dataset(f"tfds:{builder.data_dir}:test")
+  assert ds.classes == ["a", "b", "c"] and len(ds) == 5
+  order = [int(r.path.rsplit("#", 1)[1]) for r in ds.records]
+  src = builder.as_data_source(split="test")
+  assert [r.label for r in ds.records] == [int(src[i]["label"]) for i in order]
+  assert not data.missing_files(ds)
+  loader = data.ImageLoader(ds, 2, lambda im: np.asarray(im, np.float32), num_threads=2)
+  got = np.concatenate([b["image"] for b in loader])
+  np.testing.assert_array_equal(got, np.stack([src[i]["image"] for i in order]).astype(np.float32))
+  assert loader.failures == []
+  ood = data.load_dataset({"kind": "tfds", "dataset": builder.data_dir, "split": "test", "ood": True}, "t")
+  assert ood.name == "t" and set(ood.labels.tolist()) == {-1}
