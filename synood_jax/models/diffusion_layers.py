@@ -233,3 +233,23 @@ class Transformer2DModel(nn.Module):
                                 name=f"transformer_blocks_{i}")(h, context)
     h = proj(c, "proj_out")(h.reshape(b, hh, ww, inner))
     return h + x
+
+
+def random_params(shapes, rng, std: float = 1.0):
+  """Random params for a tree of ShapeDtypeStructs, drawn in numpy (jitting `init` of a UNet costs a
+  minute on CPU): kernels/embeddings ~ N(0, std^2 / fan_in), norm scales 1, biases 0."""
+  seed = np.asarray(jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+                    else rng).ravel().tolist()
+  gen = np.random.default_rng(seed)
+
+  def one(path, s):
+    leaf = str(getattr(path[-1], "key", path[-1]))
+    if leaf == "scale":
+      v = np.ones(s.shape)
+    elif leaf == "bias":
+      v = np.zeros(s.shape)
+    else:
+      v = gen.standard_normal(s.shape) * std / np.sqrt(max(1, int(np.prod(s.shape[:-1]))))
+    return jnp.asarray(v, s.dtype)
+
+  return jax.tree_util.tree_map_with_path(one, shapes)

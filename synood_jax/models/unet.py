@@ -10,7 +10,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from synood_jax import checkpoint_io
 from synood_jax.models import diffusion_layers as L
@@ -270,8 +269,7 @@ def _dummy_inputs(module: UNet2DConditionModel, dtype):
 
 def init_params(config: dict, rng, dtype=jnp.float32) -> dict:
   """Random Flax params for `config` (no torch needed); pair with `save_pretrained` for toy models."""
-  module = build(config, dtype)
-  return jax.jit(module.init)(rng, *_dummy_inputs(module, dtype))["params"]
+  return L.random_params(param_shapes(build(config, dtype)), rng)
 
 
 def param_shapes(module: UNet2DConditionModel) -> dict:

@@ -228,9 +228,13 @@ def _dummy(module: AutoencoderKL, dtype):
   return jnp.zeros((1, s, s, module.cfg.in_channels), dtype)
 
 
+def param_shapes(module: AutoencoderKL) -> dict:
+  return jax.eval_shape(module.init, jax.random.PRNGKey(0), _dummy(module, module.dtype))["params"]
+
+
 def init_params(config: dict, rng, dtype=jnp.float32) -> dict:
-  module = build(config, dtype)
-  return jax.jit(module.init)(rng, _dummy(module, dtype))["params"]
+  """Random Flax params for `config` (no torch needed); pair with `save_pretrained` for toy models."""
+  return L.random_params(param_shapes(build(config, dtype)), rng)
 
 
 def from_pretrained(folder: str, dtype=jnp.float32, subfolder: str | None = None):
@@ -239,9 +243,8 @@ def from_pretrained(folder: str, dtype=jnp.float32, subfolder: str | None = None
     folder = os.path.join(folder, subfolder)
   config = checkpoint_io.read_config(folder)
   module = build(config, dtype, source=os.path.join(folder, "config.json"))
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), _dummy(module, dtype))["params"]
   state, source = checkpoint_io.load_state_dict(folder)
-  params = checkpoint_io.state_dict_to_params(state, shapes, source, rename=_rename)
+  params = checkpoint_io.state_dict_to_params(state, param_shapes(module), source, rename=_rename)
   return module, jax.tree_util.tree_map(jnp.asarray, params)
 
 
