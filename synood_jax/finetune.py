@@ -309,7 +309,9 @@ def _train(config, *, name: str, params, tx, loss_fn: Callable, features: np.nda
   folder = os.path.join(workdir, config.subdir)
   os.makedirs(folder, exist_ok=True)
   _check_run_file(folder, dict(run_info, num_examples=n, batch_size=bs, epochs=int(config.epochs),
-                               seed=int(config.seed)))
+                               seed=int(config.seed), lr=float(config.lr), eta_min=float(config.eta_min),
+                               weight_decay=float(config.weight_decay),
+                               logit_scale=float(config.logit_scale)))
 
   # State born replicated.
   param_sh = parallel.param_shardings(params, mesh, REPLICATE_ALL)
@@ -350,6 +352,7 @@ def _train(config, *, name: str, params, tx, loss_fn: Callable, features: np.nda
   lo = jax.process_index() * local_rows
   cache: dict = {}
   pending = None
+  every = int(config.checkpoint_every)
 
   def flush(pending):
     step, epoch, lr, metrics = pending
@@ -373,7 +376,7 @@ def _train(config, *, name: str, params, tx, loss_fn: Callable, features: np.nda
       epoch = step // spe
       pending = (done, epoch, epoch_lr(config, epoch), metrics)
       epoch_end = done % spe == 0
-      if epoch_end or done % int(config.checkpoint_every) == 0 or done == total:
+      if epoch_end or (every > 0 and done % every == 0) or done == total:
         flush(pending)
         pending = None
         if epoch_end and on_epoch_end is not None:
@@ -393,7 +396,7 @@ def _as_features(name: str, x, ndim: int = 2) -> np.ndarray:
   x = np.asarray(x)
   if x.ndim != ndim:
     raise ValueError(f"{name}: expected a {ndim}-d array, got shape {x.shape}")
-  return x.astype(np.float32)
+  return x.astype(np.float32, copy=False)
 
 
 def _host_normalize(x: np.ndarray) -> np.ndarray:
@@ -402,6 +405,17 @@ def _host_normalize(x: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Stage 2
+
+def stage2_loss_fn(config) -> Callable:
+  """loss(params, {'text': T}, {'x': f, 'y': labels, 'mask': 0/1}) -> (masked mean CE, {'accuracy'})."""
+  ln_eps, norm_in, scale = float(config.layernorm_eps), bool(config.normalize_inputs), float(config.logit_scale)
+
+  def loss_fn(params, consts, batch):
+    f = apply_projection(params, batch["x"], ln_eps, norm_in)
+    logits = scale * f @ consts["text"].T
+    return _masked_ce(logits, batch["y"], batch["mask"])
+  return loss_fn
+
 
 def train_projection(config, features, labels, text_features, workdir: str, mesh=None, *,
                      initial_params=None, on_step=None):
@@ -426,13 +440,7 @@ def train_projection(config, features, labels, text_features, workdir: str, mesh
   if initial_params is None:
     initial_params = init_projection(d, config.seed, config.layernorm_eps)
   spe = steps_per_epoch(features.shape[0], config.batch_size)
-  ln_eps, norm_in, scale = float(config.layernorm_eps), bool(config.normalize_inputs), float(config.logit_scale)
-
-  def loss_fn(params, consts, batch):
-    f = apply_projection(params, batch["x"], ln_eps, norm_in)
-    logits = scale * f @ consts["text"].T
-    return _masked_ce(logits, batch["y"], batch["mask"])
-
+  loss_fn = stage2_loss_fn(config)
   state = _train(config, name="stage2", params=initial_params, tx=stage2_optimizer(config, spe),
                  loss_fn=loss_fn, features=features, labels=labels, consts={"text": text},
                  workdir=workdir, mesh=mesh, on_step=on_step,

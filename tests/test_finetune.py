@@ -215,6 +215,11 @@ def test_kill9_resume_matches_uninterrupted(tmp_path, mesh, data):
   with open(work / "stage2_projection" / "metrics.jsonl") as fh:
     assert [json.loads(line)["step"] for line in fh] == list(range(1, 7))
 
+  # A finished run returns its final params without training again.
+  again = finetune.train_projection(_stage2_config(), f, y, text, str(work), mesh)
+  for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
   # A different data set in the same workdir is refused, naming the run file.
   with pytest.raises(ValueError, match="run.json"):
     finetune.train_projection(_stage2_config(), f[:16], y[:16], text, str(work), mesh)
