@@ -1,6 +1,5 @@
 """Schedulers against diffusers' PyTorch DDIMScheduler / PNDMScheduler / DPMSolverMultistepScheduler."""
 import json
-import os
 from types import SimpleNamespace
 
 import jax
@@ -258,3 +257,29 @@ def test_step_rejects_mismatched_shapes():
     S.step(sched, state, np.zeros((1, 8, 8, 4), np.float32), 0, np.zeros((1, 8, 8, 4), np.float32))
   with pytest.raises(S.SchedulerConfigError, match="num_inference_steps"):
     S.init_state(sched, np.array([7, 5, 3]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_table_with_skipped_prefix_equals_cut_table(kind):
+  """init_state on the whole set_timesteps table and step only from the strength cut on (begin_index),
+  as a sampler with a traced strength does, equals running the cut table."""
+  sched = S.make_scheduler(SD2_INPAINT, kind)
+  full = S.set_timesteps(sched, 20)
+  cut, _ = S.get_timesteps(sched, 20, 0.6)
+  first = len(full) - len(cut)
+  x0 = np.random.default_rng(3).standard_normal(SHAPE).astype(np.float32)
+
+  @jax.jit
+  def run_full(x, first):
+    def body(i, carry):
+      x, state = carry
+      go = lambda: S.step(sched, state, fake_model(x, state.timesteps[i]), i, x)
+      return jax.lax.cond(i >= first, go, lambda: (x, state))
+    return jax.lax.fori_loop(0, len(full), body, (x, S.init_state(sched, full, SHAPE, 20)))[0]
+
+  x, state = jnp.asarray(x0), S.init_state(sched, cut, SHAPE, 20)
+  for i, t in enumerate(cut):
+    x, state = _step(sched, state, fake_model(x, jnp.int32(t)), i, x)
+  scale = max(1.0, float(jnp.abs(x).max()))
+  np.testing.assert_allclose(np.asarray(run_full(jnp.asarray(x0), first)), np.asarray(x), rtol=0,
+                             atol=1e-6 * scale)

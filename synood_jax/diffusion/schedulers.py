@@ -11,11 +11,15 @@ Host side (numpy): `make_scheduler`, `load_scheduler_config`, `set_timesteps`, `
 Device side (jnp, jittable, `sched` static): `init_state`, `step`, `add_noise`, `scale_model_input`.
 
 Index-based stepping: `step(sched, state, model_output, i, sample)` where `i` indexes the timesteps
-array given to `init_state` (the one returned by `get_timesteps`, already cut by strength) and may be
-traced (lax.fori_loop / scan). The multistep history (PNDM `ets`, DPM-Solver `model_outputs`) is driven
-by `state.counter`, the number of earlier `step` calls since `init_state`, exactly as diffusers' counters
-are; in the normal loop `i == state.counter`. The model is evaluated at `state.timesteps[i]`. Re-run
-`init_state` for every new trajectory (diffusers' pipeline calls `set_timesteps` on every call).
+array given to `init_state` and may be traced (lax.fori_loop / scan); the model is evaluated at
+`state.timesteps[i]`. The multistep history (PNDM `ets` / `counter`, DPM-Solver `model_outputs` /
+`lower_order_nums`) is driven by `state.counter`, the number of `step` calls since `init_state`, exactly
+as diffusers' counters are. Two equivalent ways to run a strength cut:
+  - init_state on the cut table from `get_timesteps`, then i = 0 .. len(cut) - 1 (i == counter);
+  - init_state on the full `set_timesteps` table, then call step only for i >= len(full) - len(cut)
+    (diffusers' begin_index): the counter starts at 0 on the first executed step, as in diffusers.
+The last table entry is the final step either way (DPM-Solver's lower_order_final). Re-run `init_state`
+for every new trajectory (diffusers' pipeline calls `set_timesteps` on every call).
 
     sched = make_scheduler(load_scheduler_config(folder))
     timesteps, _ = get_timesteps(sched, 20, 0.6)
