@@ -307,6 +307,8 @@ def evaluate(config, workdir: str, *, bundle=None, image_transform: Callable | N
   sets = load_sets(id_sets, ood_sets, allow_partial=bool(config.get("allow_partial", False)),
                    verify=config.get("verify", "exists"), num_threads=config.get("num_threads") or None)
 
+  classnames = imagenet_classes.load_classnames(config.classnames)
+  templates = imagenet_classes.load_templates(config.templates)
   dtype = config.get("dtype", "float32")
   if bundle is None:
     bundle = clip.from_pretrained(config.clip_path, dtype=jnp.dtype(dtype))
@@ -318,8 +320,6 @@ def evaluate(config, workdir: str, *, bundle=None, image_transform: Callable | N
     batch_size += multiple - batch_size % multiple
     logging.info("batch size rounded up to %d (a multiple of the %d devices)", batch_size, multiple)
 
-  classnames = imagenet_classes.load_classnames(config.classnames)
-  templates = imagenet_classes.load_templates(config.templates)
   id_text = class_features(bundle, params, classnames, templates, int(config.text_batch_size), mesh)
   neg_text, neg_labels, neg_desc = negative_text(config, bundle, params, classnames, templates[0], mesh, workdir)
 
@@ -356,7 +356,7 @@ def evaluate(config, workdir: str, *, bundle=None, image_transform: Callable | N
   results = {
       "header": {
           "model": os.path.abspath(config.clip_path), "dtype": dtype,
-          "classnames": (config.classnames if isinstance(config.classnames, str) else "(list)"),
+          "classnames": _describe_classnames(config.classnames),
           "num_classes": len(classnames), "templates": templates, "negatives": neg_desc,
           "num_negatives": 0 if neg_text is None else int(neg_text.shape[0]),
           "groups": kw["groups"], "temperature": kw["temperature"], "seed": kw["seed"],
@@ -382,6 +382,15 @@ def evaluate(config, workdir: str, *, bundle=None, image_transform: Callable | N
     report.write_plots(all_scores, id_name, ood_names, os.path.join(workdir, "plots"))
   logging.info("results:\n%s", report.metrics_table(results, "id_positive"))
   return results
+
+
+def _describe_classnames(source) -> str:
+  if not isinstance(source, str):
+    return "(a list given in the config)"
+  if source.lower() in imagenet_classes.BUILTIN:
+    return (f"builtin '{source}': CLIP's cleaned ImageNet-1k names "
+            "(openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb), as MCM / NegLabel use")
+  return f"`{os.path.abspath(source)}`"
 
 
 def _id_accuracy(f: Features, id_text: np.ndarray) -> float | None:

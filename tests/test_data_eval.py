@@ -232,7 +232,7 @@ def test_evaluate_outputs_match_sklearn(eval_run):
 def test_evaluate_report_files(eval_run):
   root, config, workdir, results = eval_run
   md = open(os.path.join(workdir, "results.md")).read()
-  assert str(root / "classes.txt") in md and "'a photo of a {}.'" in md
+  assert f"`{root / 'classes.txt'}`" in md and "'a photo of a {}.'" in md
   assert "| MCM |" in md and "| NegLabel |" in md and "ood_a" in md and "Average" in md
   fpr = results["methods"]["neglabel"]["id_positive"]["ood_b"]["fpr95"]
   assert f"{100 * fpr:.2f}" in md
