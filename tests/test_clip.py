@@ -165,6 +165,42 @@ def test_tower_only_folders(tmp_path):
                                t_img, atol=1e-6, rtol=0)
 
 
+def test_bare_text_tower_as_in_stable_diffusion(tmp_path):
+  """CLIPTextModel (no projection): transformers 5 layout, 4.x layout (`text_model.` prefix, position_ids
+  buffer, as SD checkpoints), pytorch_model.bin; hidden states, pooled output, separate tokenizer folder."""
+  torch.manual_seed(2)
+  cfg = transformers.CLIPTextConfig(**dict(TINY_TEXT, eos_token_id=2, bos_token_id=0, pad_token_id=1))
+  model = transformers.CLIPTextModel(cfg).eval()
+  model.save_pretrained(tmp_path / "v5")
+  old = tmp_path / "v4"
+  old.mkdir()
+  (old / "config.json").write_text((tmp_path / "v5" / "config.json").read_text())
+  state = {"text_model." + k: v for k, v in load_file(str(tmp_path / "v5" / "model.safetensors")).items()}
+  state["text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
+  torch.save({k: torch.from_numpy(v) for k, v in state.items()}, old / "pytorch_model.bin")
+  tok = tiny.write_char_tokenizer(str(tmp_path / "tokenizer"))
+  _, ids = random_inputs(CONFIGS["quick_gelu"], seed=2)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids, dtype=torch.long))
+  for folder in (tmp_path / "v5", old):
+    bundle = clip.from_pretrained(str(folder), tokenizer_path=tok)
+    assert not bundle.config.projection and bundle.folder == tok
+    assert set(bundle.params) == {"text_model"}
+    hidden = np.asarray(bundle.text_hidden_states(bundle.params, ids))
+    np.testing.assert_allclose(hidden, out.last_hidden_state.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(bundle.text_features(ids)), out.pooler_output.numpy(), atol=1e-5, rtol=0)
+  assert bundle.tokenize(["a cat"]).shape == (1, 77)
+  with pytest.raises(ValueError, match="no vision tower"):
+    bundle.encode_image(bundle.params, np.zeros((1, 32, 32, 3), np.float32))
+  with pytest.raises(CheckpointError, match="no tokenizer files"):
+    clip.from_pretrained(str(old), tokenizer_path=str(tmp_path / "v5"))
+  clip.save_pretrained(bundle, str(tmp_path / "ours"))
+  again = transformers.CLIPTextModel.from_pretrained(str(tmp_path / "ours")).eval()
+  with torch.no_grad():
+    np.testing.assert_allclose(again(input_ids=torch.tensor(ids, dtype=torch.long)).last_hidden_state.numpy(),
+                               out.last_hidden_state.numpy(), atol=1e-6, rtol=0)
+
+
 def test_make_tiny_clip_loads_in_transformers(tmp_path):
   folder = tiny.make_tiny_clip(str(tmp_path / "tiny"), seed=3, vision_hidden_act="gelu")
   ours = clip.from_pretrained(folder)

@@ -73,6 +73,7 @@ class CLIPConfig:
   projection_dim: int
   logit_scale_init_value: float = 2.6592
   hf_json: str = "{}"  # the config.json it came from, written back by save_pretrained
+  projection: bool = True  # False: a bare CLIPTextModel / CLIPVisionModel (e.g. Stable Diffusion's text encoder)
 
   @property
   def hf(self) -> dict:
@@ -112,16 +113,17 @@ def _tower(raw: dict, defaults: dict, kind: str, source: str) -> TowerConfig:
       eos_token_id=int(eos if eos is not None else 49407))
 
 
-def config_from_hf(hf: dict, source: str = "config.json") -> CLIPConfig:
-  """A CLIPModel (model_type clip) or one tower with projection (clip_vision_model / clip_text_model)."""
+def config_from_hf(hf: dict, source: str = "config.json", projection: bool = True) -> CLIPConfig:
+  """A CLIPModel (model_type clip) or one tower (clip_vision_model / clip_text_model), with its
+  projection (CLIP*ModelWithProjection) or without (CLIP*Model: `projection=False`)."""
   kind = hf.get("model_type", "clip")
   dump = json.dumps(hf, sort_keys=True)
   if kind == "clip_vision_model":
     return CLIPConfig(_tower(hf, VISION_DEFAULTS, "vision", source), None,
-                      int(hf.get("projection_dim", 512)), hf_json=dump)
+                      int(hf.get("projection_dim", 512)), hf_json=dump, projection=projection)
   if kind == "clip_text_model":
     return CLIPConfig(None, _tower(hf, TEXT_DEFAULTS, "text", source),
-                      int(hf.get("projection_dim", 512)), hf_json=dump)
+                      int(hf.get("projection_dim", 512)), hf_json=dump, projection=projection)
   if kind != "clip":
     raise CheckpointError(f"{source}: model_type {kind!r} is not a CLIP model "
                           "(want clip, clip_vision_model or clip_text_model)")
@@ -298,8 +300,7 @@ class TextTransformer(nn.Module):
     a = (c, self.dtype, self.param_dtype)
     x = TextEmbeddings(*a, name="embeddings")(ids)
     x = Encoder(*a, name="encoder")(x, causal=True)
-    x = _ln(*a, name="final_layer_norm")(x)
-    return x[jnp.arange(x.shape[0]), eos_position(ids, c.eos_token_id)]
+    return _ln(*a, name="final_layer_norm")(x)  # last hidden states [B, L, D]
 
 
 def eos_position(ids, eos_token_id: int):
@@ -312,7 +313,7 @@ def eos_position(ids, eos_token_id: int):
 
 
 class CLIP(nn.Module):
-  """Both towers (CLIPModel) or one tower with its projection (CLIP*ModelWithProjection)."""
+  """Both towers (CLIPModel) or one tower with its projection (CLIP*ModelWithProjection) or without."""
   config: CLIPConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -321,23 +322,31 @@ class CLIP(nn.Module):
     c = self.config
     if c.vision is not None:
       self.vision_model = VisionTransformer(c.vision, self.dtype, self.param_dtype)
-      self.visual_projection = nn.Dense(
-          c.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=_normal(c.vision.hidden_size**-0.5 * c.vision.initializer_factor))
+      if c.projection:
+        self.visual_projection = nn.Dense(
+            c.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=_normal(c.vision.hidden_size**-0.5 * c.vision.initializer_factor))
     if c.text is not None:
       self.text_model = TextTransformer(c.text, self.dtype, self.param_dtype)
-      self.text_projection = nn.Dense(
-          c.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=_normal(c.text.hidden_size**-0.5 * c.text.initializer_factor))
+      if c.projection:
+        self.text_projection = nn.Dense(
+            c.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=_normal(c.text.hidden_size**-0.5 * c.text.initializer_factor))
     if c.vision is not None and c.text is not None:
       self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.logit_scale_init_value),
                                     (), self.param_dtype)
 
   def encode_image(self, images):
-    return self.visual_projection(self.vision_model(images))
+    pooled = self.vision_model(images)
+    return self.visual_projection(pooled) if self.config.projection else pooled
+
+  def text_hidden_states(self, ids):
+    return self.text_model(ids)
 
   def encode_text(self, ids):
-    return self.text_projection(self.text_model(ids))
+    h = self.text_model(ids)
+    pooled = h[jnp.arange(h.shape[0]), eos_position(ids, self.config.text.eos_token_id)]
+    return self.text_projection(pooled) if self.config.projection else pooled
 
   def __call__(self, images=None, ids=None):
     """Init entry point: touches every parameter of the towers present."""
@@ -378,13 +387,27 @@ class CLIPBundle:
   folder: str | None = None  # where tokenizer (and preprocessor) files live, if any
 
   # Pure functions of (params, inputs): jit them, shard them, differentiate them.
+  def _need(self, tower: str):
+    if getattr(self.config, tower) is None:
+      raise ValueError(f"this CLIP bundle ({self.folder or 'in memory'}) has no {tower} tower")
+
   def encode_image(self, params, images_nhwc):
-    """Projected, unnormalized image features [B, projection_dim] of NHWC preprocessed images."""
+    """Projected, unnormalized image features [B, projection_dim] of NHWC preprocessed images
+    (the pooled [B, hidden] output for a tower without projection)."""
+    self._need("vision")
     return self.module.apply({"params": params}, images_nhwc, method=CLIP.encode_image)
 
   def encode_text(self, params, token_ids):
-    """Projected, unnormalized text features [B, projection_dim] of int token ids [B, L]."""
+    """Projected, unnormalized text features [B, projection_dim] of int token ids [B, L], pooled at the
+    end-of-text token (the pooled [B, hidden] output for a tower without projection)."""
+    self._need("text")
     return self.module.apply({"params": params}, jnp.asarray(token_ids, jnp.int32), method=CLIP.encode_text)
+
+  def text_hidden_states(self, params, token_ids):
+    """Final-layer-normed last hidden states [B, L, hidden] (what Stable Diffusion conditions on)."""
+    self._need("text")
+    return self.module.apply({"params": params}, jnp.asarray(token_ids, jnp.int32),
+                             method=CLIP.text_hidden_states)
 
   # Bound conveniences over self.params.
   def image_features(self, images_nhwc):
@@ -439,24 +462,49 @@ def abstract_params(module: CLIP):
   return jax.eval_shape(module.init, jax.random.PRNGKey(0), images, ids)["params"]
 
 
-def _rename(key: str) -> str | None:
-  if key.endswith("position_ids"):  # a buffer some checkpoints saved
-    return None
-  return key
+_TOP = ("text_model.", "vision_model.", "text_projection.", "visual_projection.", "logit_scale")
 
 
-def from_pretrained(path: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None) -> CLIPBundle:
-  """Load a HF CLIPModel / CLIPVisionModelWithProjection / CLIPTextModelWithProjection folder.
+def _renamer(config: CLIPConfig) -> Callable[[str], str | None]:
+  # transformers 5 saves a bare CLIPTextModel / CLIPVisionModel without the `text_model.` /
+  # `vision_model.` level that 4.x (and Stable Diffusion checkpoints) have: accept both.
+  tower = "text_model." if config.vision is None else "vision_model." if config.text is None else ""
+
+  def rename(key: str) -> str | None:
+    if key.endswith("position_ids"):  # a buffer some checkpoints saved
+      return None
+    return key if not tower or key.startswith(_TOP) else tower + key
+  return rename
+
+
+def _has_projection(hf: dict, state: dict) -> bool:
+  archs = hf.get("architectures") or []
+  if any(a.endswith("WithProjection") or a == "CLIPModel" for a in archs):
+    return True
+  if any(a in ("CLIPTextModel", "CLIPVisionModel") for a in archs):
+    return False
+  return hf.get("model_type", "clip") == "clip" or any(
+      k.startswith(("text_projection.", "visual_projection.")) for k in state)
+
+
+def from_pretrained(path: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None,
+                    tokenizer_path: str | None = None) -> CLIPBundle:
+  """Load a HF CLIPModel, CLIP{Vision,Text}ModelWithProjection or CLIP{Vision,Text}Model folder.
 
   `dtype` is the compute dtype and, unless `param_dtype` says otherwise, the param dtype.
+  The tokenizer comes from `tokenizer_path` (e.g. a diffusers `tokenizer/` folder), else `path`.
   """
   hf = checkpoint_io.read_config(path)
-  config = config_from_hf(hf, os.path.join(path, "config.json"))
-  module = CLIP(config, dtype=dtype, param_dtype=param_dtype or dtype)
+  config = config_from_hf(hf, os.path.join(path, "config.json"))  # config errors before reading weights
   state, source = checkpoint_io.load_state_dict(path)
-  params = checkpoint_io.state_dict_to_params(state, abstract_params(module), source, rename=_rename)
+  config = dataclasses.replace(config, projection=_has_projection(hf, state))
+  module = CLIP(config, dtype=dtype, param_dtype=param_dtype or dtype)
+  params = checkpoint_io.state_dict_to_params(state, abstract_params(module), source, rename=_renamer(config))
   params = jax.tree_util.tree_map(jnp.asarray, params)
-  return CLIPBundle(config, module, params, path if has_tokenizer(path) else None)
+  if tokenizer_path is not None and not has_tokenizer(tokenizer_path):
+    raise CheckpointError(f"{tokenizer_path}: no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
+  folder = tokenizer_path or path
+  return CLIPBundle(config, module, params, folder if has_tokenizer(folder) else None)
 
 
 def to_hf_config(config: CLIPConfig) -> dict:
@@ -477,10 +525,10 @@ def to_hf_config(config: CLIPConfig) -> dict:
 
   if config.text is None:
     out = tower(config.vision, hf, VISION_DEFAULTS, True)
-    out["architectures"] = ["CLIPVisionModelWithProjection"]
+    out["architectures"] = ["CLIPVisionModelWithProjection" if config.projection else "CLIPVisionModel"]
   elif config.vision is None:
     out = tower(config.text, hf, TEXT_DEFAULTS, False)
-    out["architectures"] = ["CLIPTextModelWithProjection"]
+    out["architectures"] = ["CLIPTextModelWithProjection" if config.projection else "CLIPTextModel"]
   else:
     out = {k: v for k, v in hf.items() if k not in ("text_config_dict", "vision_config_dict")}
     out.update(model_type="clip", architectures=["CLIPModel"], projection_dim=config.projection_dim,
@@ -499,7 +547,10 @@ def save_pretrained(bundle: CLIPBundle, path: str, params: Any = None) -> str:
   plus the bundle's tokenizer / preprocessor files."""
   params = bundle.params if params is None else params
   checkpoint_io.write_config(path, to_hf_config(bundle.config))
-  checkpoint_io.save_state_dict(path, checkpoint_io.params_to_state_dict(jax.device_get(params)))
+  state = checkpoint_io.params_to_state_dict(jax.device_get(params))
+  if not bundle.config.projection:  # transformers 5's bare-tower layout: no `text_model.` level
+    state = {k.split(".", 1)[1]: v for k, v in state.items()}
+  checkpoint_io.save_state_dict(path, state)
   if bundle.folder and os.path.abspath(bundle.folder) != os.path.abspath(path):
     for name in TOKENIZER_FILES:
       src = os.path.join(bundle.folder, name)
