@@ -338,6 +338,7 @@ def _train(config, *, name: str, params, tx, loss_fn: Callable, features: np.nda
   manager = ocp.CheckpointManager(
       os.path.abspath(os.path.join(folder, "checkpoints")),
       options=ocp.CheckpointManagerOptions(max_to_keep=int(config.max_to_keep), create=True,
+                                           cleanup_tmp_directories=True,  # a save cut by a kill
                                            enable_async_checkpointing=False))
   start = manager.latest_step() or 0
   if start:
