@@ -68,6 +68,8 @@ def load_sets(id_sets: Mapping[str, str], ood_sets: Mapping[str, str], *, allow_
   for name, spec in {**id_sets, **ood_sets}.items():
     ds = data.load_dataset(spec, name)
     ds.name = name
+    if name in ood_sets:  # a folder of OOD images may have subfolders (iNaturalist/images, dtd/images/*)
+      ds.records = [data.Record(r.path, data.OOD_LABEL) for r in ds.records]
     if verify == "exists":
       bad = [data.Failure(-1, p, "missing") for p in data.missing_files(ds)]
     else:
