@@ -32,7 +32,8 @@ def _image_features(bundle, params, images):
 
 
 def _batched(fn, bundle, params, x: np.ndarray, batch_size: int, mesh: Mesh | None) -> np.ndarray:
-  """fn over fixed-size batches (one compiled shape), the last one padded; rows sharded over `mesh`."""
+  """fn over fixed-size batches (one compiled shape), the last one padded; rows sharded over `mesh`.
+  Single-host: with several processes each would get every process's rows back (not handled yet)."""
   multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
   # Round up so every device gets equal rows; no bigger than the (rounded) input needs.
   batch_size = min(-(-batch_size // multiple), -(-len(x) // multiple) or 1) * multiple
@@ -62,6 +63,9 @@ def class_text_features(bundle, params, classnames: Sequence[str], templates: Se
   `{c}` placeholder), features normalized, averaged over templates, renormalized."""
   if not classnames or not templates:
     raise ValueError("class_text_features: need at least one class name and one template")
+  bad = [t for t in templates if "{}" not in t and "{c}" not in t]
+  if bad:
+    raise ValueError(f"class_text_features: templates without a '{{}}' placeholder: {bad[:3]}")
   prompts = [t.format(c) if "{}" in t else t.format(c=c) for c in classnames for t in templates]
   ids = bundle.tokenize(prompts)
   feats = _batched(_text_features, bundle, params, ids, batch_size, mesh)

@@ -310,6 +310,10 @@ def test_preprocess_equals_clip_image_processor():
     got = clip_preprocess.preprocess(im)[0]
     assert got.dtype == np.float32 and got.shape == (224, 224, 3)
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+  batch = np.stack([im for im in _images() if isinstance(im, np.ndarray) and im.shape == (300, 200, 3)] * 2)
+  np.testing.assert_array_equal(clip_preprocess.preprocess(batch), clip_preprocess.preprocess(batch.astype(float)))
+  with pytest.raises(ValueError, match="uint8"):
+    clip_preprocess.preprocess(batch / 255.0)  # [0, 1] floats: transformers' handling is ambiguous, refuse
 
 
 def test_preprocess_reads_folder_config(good_folder):
