@@ -15,13 +15,15 @@ from synood_jax.models import diffusion_layers, unet, vae  # noqa: E402
 REL_TOL = 1e-4   # fp32: max |ours - torch| <= REL_TOL * max |torch|
 BF16_TOL = 5e-2  # bf16 compute: max |bf16 - fp32| <= BF16_TOL * max |fp32|
 
-# SD1-shaped second config: conv projections, int attention_head_dim, upcast, other time embedding.
+# SD1-shaped second config: conv projections, int attention_head_dim, upcast, other time embedding,
+# two transformer layers per attention.
 UNET_B_CONFIG = {
     "sample_size": 9, "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64],
     "layers_per_block": 2, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 8,
     "cross_attention_dim": 32, "use_linear_projection": False, "upcast_attention": True,
     "norm_num_groups": 8, "norm_eps": 1e-6, "flip_sin_to_cos": False, "freq_shift": 1,
+    "transformer_layers_per_block": 2,
 }
 
 
@@ -239,3 +241,17 @@ def test_vae_bfloat16_decode_close_to_float32(vae_case):
   out = jax.jit(lambda p, z: module.apply({"params": p}, z, method=module.decode))(params, vae_case["latents"])
   assert out.dtype == jnp.bfloat16
   _assert_close(out, vae_case["our_decoded"], BF16_TOL)
+
+
+def test_sd_shaped_four_level_layouts_load(tmp_path):
+  """SD 1.x/2.x block layout (4 levels, 2 layers, DownBlock2D last) and SD VAE layout, narrow channels:
+  every diffusers weight finds its Flax param with the right shape (load raises otherwise)."""
+  u = {"block_out_channels": [32, 32, 64, 64], "layers_per_block": 2, "cross_attention_dim": 16,
+       "attention_head_dim": [1, 2, 4, 4], "norm_num_groups": 8, "use_linear_projection": True,
+       "in_channels": 9}
+  v = {"block_out_channels": [8, 16, 32, 32], "layers_per_block": 2, "norm_num_groups": 8,
+       "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+  diffusers.UNet2DConditionModel(**u).save_pretrained(str(tmp_path / "u"))
+  diffusers.AutoencoderKL(**v).save_pretrained(str(tmp_path / "v"))
+  unet.from_pretrained(str(tmp_path / "u"))
+  vae.from_pretrained(str(tmp_path / "v"))

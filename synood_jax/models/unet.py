@@ -115,16 +115,14 @@ class UNetConfig:
     if len(boc) != n or len(up) != n:
       raise bad("block_out_channels", f"need one per down/up block ({n})")
 
-    def per_block(key, default, allow_none=False):
+    def per_block(key, default):
       v = cfg.get(key, default)
       v = tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
-      if len(v) != n or any(not isinstance(x, int) or isinstance(x, bool) for x in v
-                            if not (allow_none and x is None)):
-        raise bad(key, f"need an int or {n} ints")
+      if len(v) != n or any(not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in v):
+        raise bad(key, f"need a positive int or {n} of them")
       return v
 
-    heads = per_block("attention_head_dim", 8, allow_none=True)
-    heads = tuple(c if h is None else h for h, c in zip(heads, boc))  # diffusers: None -> channels
+    heads = per_block("attention_head_dim", 8)
     for h, c in zip(heads, boc):
       if c % h:
         raise bad("attention_head_dim", f"{c} channels not divisible by {h} heads")
