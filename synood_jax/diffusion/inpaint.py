@@ -2,32 +2,37 @@
 
 eps_hat = eps_u + g * (eps_c - eps_u);  z_{t-1} = scheduler.step(eps_hat, t, z_t)
 
-Guidance scale and the strength cut are traced values (new values never recompile); only the number of
-steps run, the batch and the latent size are static. Latents and scheduler state stay float32 while the
-UNet may run in bfloat16.
+The loop always runs over the whole `num_inference_steps` table and skips the entries before the
+strength cut (`start_index`, traced), so guidance scale and strength are traced values: new values never
+recompile; only the step count, batch and latent size are static. Latents and scheduler state stay
+float32 while the UNet may run in bfloat16.
 """
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from synood_jax.diffusion import schedulers
 
 
-def unet_channels_in(unet_module) -> int:
-  return int(unet_module.config["in_channels"])
+def start_index(scheduler, num_inference_steps: int, strength: float) -> int:
+  """Index of the first table entry kept by diffusers' get_timesteps (t_start * order)."""
+  full = schedulers.set_timesteps(scheduler, num_inference_steps)
+  kept, _ = schedulers.get_timesteps(scheduler, num_inference_steps, strength)
+  return len(full) - len(kept)
 
 
-def _cfg_noise(unet_module, unet_params, latents, t, context, mask, masked_latents, guidance_scale):
-  """One guided UNet evaluation: both halves of classifier-free guidance in one batch."""
+def timestep_table(scheduler, num_inference_steps: int) -> np.ndarray:
+  return schedulers.set_timesteps(scheduler, num_inference_steps)
+
+
+def _guided_noise(unet_module, unet_params, latents, t, context, extra, guidance_scale):
+  """Both halves of classifier-free guidance in one UNet batch (uncond first, as diffusers)."""
   model_in = jnp.concatenate([latents, latents], axis=0)
-  if unet_channels_in(unet_module) == 9:
-    extra = jnp.concatenate([mask, masked_latents], axis=-1)
+  if extra is not None:
     model_in = jnp.concatenate([model_in, jnp.concatenate([extra, extra], axis=0)], axis=-1)
-  dtype = jax.tree_util.tree_leaves(unet_params)[0].dtype
+  dtype = unet_module.dtype
   out = unet_module.apply({"params": unet_params}, model_in.astype(dtype),
                           jnp.full((model_in.shape[0],), t), context.astype(dtype))
   uncond, cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
@@ -35,41 +40,57 @@ def _cfg_noise(unet_module, unet_params, latents, t, context, mask, masked_laten
 
 
 def sample_latents(unet_module, scheduler, unet_params, latents, prompt_embeds, negative_embeds,
-                   mask, masked_image_latents, guidance_scale, timesteps,
+                   mask, masked_image_latents, guidance_scale, num_inference_steps: int, first_index,
                    image_latents=None, noise=None, remat: bool = False):
-  """Run the denoising loop over `timesteps` (already cut by strength) from `latents`.
+  """Denoise `latents` over the table entries from `first_index` on; returns float32 latents.
 
-  latents: [B, h, w, 4] the starting noisy latents (diffusers' `latents=`, times init_noise_sigma);
+  latents: [B, h, w, 4] starting noisy latents (diffusers' `latents=`; times init_noise_sigma);
   prompt_embeds / negative_embeds: [B, L, D] text-encoder hidden states (cond / uncond);
   mask: [B, h, w, 1] at latent resolution (1 = repaint); masked_image_latents: [B, h, w, 4], scaled;
-  image_latents, noise: only for 4-channel UNets, which blend the known region back after each step
-  (diffusers' semantics: the re-noised source uses `noise`, the latents passed in).
+  first_index: from `start_index(...)` (a traced int is fine);
+  image_latents, noise: 4-channel UNets only, which blend the kept region back after each step
+  (diffusers: the source re-noised with `noise`, which is the `latents` passed in).
   """
-  latents = latents.astype(jnp.float32) * scheduler.init_noise_sigma
-  context = jnp.concatenate([negative_embeds, prompt_embeds], axis=0)
-  nine = unet_channels_in(unet_module) == 9
+  table = timestep_table(scheduler, num_inference_steps)
+  n = len(table)
+  ts = jnp.asarray(table, jnp.int32)
+  nine = unet_module.cfg.in_channels == 9
   if not nine and (image_latents is None or noise is None):
     raise ValueError("a 4-channel UNet blends the source back: pass image_latents and noise")
-  n = timesteps.shape[0]
-  state = schedulers.init_state(scheduler, timesteps)
+  latents = latents.astype(jnp.float32) * scheduler.init_noise_sigma
+  context = jnp.concatenate([negative_embeds, prompt_embeds], axis=0)
+  extra = jnp.concatenate([mask, masked_image_latents], axis=-1) if nine else None
+  state = schedulers.init_state(scheduler, table, latents.shape, num_inference_steps=num_inference_steps)
 
-  def guided(unet_params, x, t):
-    return _cfg_noise(unet_module, unet_params, x, t, context, mask, masked_image_latents, guidance_scale)
+  guided = lambda p, x, t: _guided_noise(unet_module, p, x, t, context, extra, guidance_scale)
   if remat:
     guided = jax.checkpoint(guided)
 
-  def body(i, carry):
-    x, state = carry
-    t = timesteps[i]
+  def denoise(i, x, state):
+    t = ts[i]
     eps = guided(unet_params, schedulers.scale_model_input(scheduler, x, t), t)
     x, state = schedulers.step(scheduler, state, eps, i, x)
     if not nine:
-      proper = jnp.where(i < n - 1,
-                         schedulers.add_noise(scheduler, image_latents, noise,
-                                              timesteps[jnp.minimum(i + 1, n - 1)]),
-                         image_latents)
+      renoised = schedulers.add_noise(scheduler, image_latents, noise, ts[jnp.minimum(i + 1, n - 1)])
+      proper = jnp.where(i < n - 1, renoised, image_latents)
       x = (1.0 - mask) * proper + mask * x
     return x, state
 
+  def body(i, carry):
+    x, state = carry
+    return jax.lax.cond(i >= first_index, lambda: denoise(i, x, state), lambda: (x, state))
+
   latents, _ = jax.lax.fori_loop(0, n, body, (latents, state))
   return latents
+
+
+def decode_images(vae_fn, vae_params, latents, scaling_factor: float, chunk: int | None = None):
+  """Images in [0, 1] from scaled latents: clip(D(z / scale) / 2 + 0.5); decode `chunk` rows at a
+  time (lax.map) so a large batch does not run out of memory in the VAE decoder."""
+  def one(z):
+    return jnp.clip(vae_fn(vae_params, z / scaling_factor).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+  b = latents.shape[0]
+  if not chunk or chunk >= b or b % chunk:
+    return one(latents)
+  out = jax.lax.map(one, latents.reshape((b // chunk, chunk) + latents.shape[1:]))
+  return out.reshape((b,) + out.shape[2:])
