@@ -25,9 +25,11 @@ Training loop (shared by both stages):
   are sharded over every device (parallel.global_batch); each host loads its own rows of the global batch.
 - Checkpoints: orbax CheckpointManager in `{workdir}/{config.subdir}/checkpoints`, every
   `checkpoint_every` steps and at every epoch end. `{workdir}/{subdir}/run.json` records the data shape,
-  batch, epochs and seed; resuming with different ones raises. Metrics per step go to
-  `{subdir}/metrics.jsonl` (rows past the restored step are dropped on resume, so the file has each step
-  once) and to TensorBoard when tensorboardX is installed and `config.tensorboard` is set.
+  batch, epochs, seed and optimiser settings; resuming with different ones raises. Metrics per step go
+  to `{subdir}/metrics.jsonl` as {step (updates done, 1-based), epoch (0-based), lr, loss, accuracy,
+  grad_norm} (rows past the restored step are dropped on resume, so the file has each step once) and to
+  TensorBoard when tensorboardX is installed and `config.tensorboard` is set. Progress (steps/s, ETA)
+  is logged through absl every `progress_every_secs`.
 """
 from __future__ import annotations
 
