@@ -227,7 +227,7 @@ def resize_bilinear_antialias(x, size: tuple[int, int]):
 
 def classifier_preprocess(images_nhwc_01, resize: int | None = 232, crop: int | None = 224,
                           mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                          resize_impl: str = "jax"):
+                          resize_impl: str = "jax", method: str = "bilinear"):
   """torchvision `ResNet50_Weights.IMAGENET1K_V2.transforms()` on float images in [0, 1], differentiable.
 
   Resize the shorter side to `resize` with the map of `F.interpolate(mode='bilinear', antialias=True,
@@ -235,7 +235,8 @@ def classifier_preprocess(images_nhwc_01, resize: int | None = 232, crop: int | 
   `resize_impl`: "jax" = `jax.image.resize(..., 'bilinear', antialias=True)` (float32 weights; on
   512x512 -> 232 it reproduces torch's float32 output to 2.4e-7, elsewhere to ~1e-5, since both round
   their weights in float32), "float64" = `resize_bilinear_antialias` (weights in float64: within 1.5e-7 of
-  torch's float64 result). Input and output NHWC; the input dtype is kept (float32 recommended).
+  torch's float64 result). `method` ('bilinear', or 'bicubic' for CLIP-style guidance) applies to
+  the "jax" resize only. Input and output NHWC; the input dtype is kept (float32 recommended).
   """
   x = jnp.asarray(images_nhwc_01)
   if x.ndim != 4:
@@ -245,7 +246,7 @@ def classifier_preprocess(images_nhwc_01, resize: int | None = 232, crop: int | 
     nh, nw = resized_size(h, w, resize)
     if (nh, nw) != (h, w):
       if resize_impl == "jax":
-        x = jax.image.resize(x, (n, nh, nw, c), method="bilinear", antialias=True,
+        x = jax.image.resize(x, (n, nh, nw, c), method=method, antialias=True,
                              precision=jax.lax.Precision.HIGHEST)
       elif resize_impl == "float64":
         x = resize_bilinear_antialias(x, (nh, nw))

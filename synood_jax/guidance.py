@@ -1,0 +1,35 @@
+"""Guidance classifiers f(x) for the boundary score s = mean(f(x)) - logsumexp(f(x)).
+
+Each is (logits_fn(params, images), params) with images NHWC float in [0, 1] (decoded in-paintings), and
+differentiable preprocessing in JAX, so the refinement loop can take gradients through it.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from synood_jax import zero_shot
+from synood_jax.models import clip_preprocess, resnet
+
+
+def clip_zero_shot(bundle, class_text_features, preprocess=None, logit_scale: float = 100.0):
+  """CLIP zero-shot: g = logit_scale * cos(E_img(x), T_c) over the ID class prompts (no extra model).
+
+  Preprocessing follows CLIPImageProcessor (shortest side, centre crop, normalize), with an
+  antialiased bicubic resize in JAX in place of PIL's.
+  """
+  cfg = preprocess or clip_preprocess.load_config(bundle.folder)
+
+  def logits_fn(params, images):
+    x = resnet.classifier_preprocess(images, resize=cfg.shortest_edge, crop=cfg.crop_height,
+                                     mean=cfg.image_mean, std=cfg.image_std, method="bicubic")
+    f = zero_shot.l2_normalize(bundle.encode_image(params["clip"], x).astype(jnp.float32))
+    return logit_scale * f @ params["text"].T
+
+  return logits_fn, {"clip": bundle.params, "text": jnp.asarray(class_text_features, jnp.float32)}
+
+
+def resnet50(module, params, resize: int = 232, crop: int = 224):
+  """torchvision's ImageNet ResNet-50 with its IMAGENET1K_V2 transforms (the official choice)."""
+  def logits_fn(p, images):
+    return module.apply({"params": p}, resnet.classifier_preprocess(images, resize=resize, crop=crop))
+  return logits_fn, params
