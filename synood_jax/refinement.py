@@ -62,8 +62,22 @@ class RefineConfig:
       raise ValueError(f"refinement.iterations must be >= 1, got {self.iterations}")
 
 
+def image_loss(cfg: RefineConfig, decode_fn: Callable, logits_fn: Callable, params, z0):
+  """(sum over the batch of per-image losses, (per-image losses, scores)) of clean latents z0."""
+  logits = logits_fn(params, decode_fn(params, z0))
+  per_image = boundary_loss(logits, cfg.loss, cfg.target)
+  return jnp.sum(per_image), (per_image, boundary_score(logits))
+
+
+def skip_gradient(cfg: RefineConfig, decode_fn: Callable, logits_fn: Callable, params, z0):
+  """dL/dz0 (the official update direction), with the per-image losses and scores."""
+  (_, (loss, s)), grad = jax.value_and_grad(
+      lambda z: image_loss(cfg, decode_fn, logits_fn, params, z), has_aux=True)(z0)
+  return grad, loss, s
+
+
 def refine(cfg: RefineConfig,
-           noise_fn: Callable,    # (eps) -> z_t   (add_noise(z_in, eps, t0), z_in closed over by caller)
+           noise_fn: Callable,    # eps -> z_t = add_noise(z_in, eps, t0)
            sample_fn: Callable,   # (params, z_t) -> z0
            decode_fn: Callable,   # (params, z0) -> images in [0, 1], NHWC
            logits_fn: Callable,   # (params, images) -> logits [B, C]
@@ -75,25 +89,18 @@ def refine(cfg: RefineConfig,
   """
   scale = cfg.step_size / cfg.reference_batch
 
-  def loss_of_z0(z0):
-    logits = logits_fn(params, decode_fn(params, z0))
-    per_image = boundary_loss(logits, cfg.loss, cfg.target)
-    return jnp.sum(per_image), (per_image, boundary_score(logits))
-
-  def loss_of_eps(e):
-    return loss_of_z0(sample_fn(params, noise_fn(e)))
-
   def iteration(eps, _):
     if cfg.grad_mode == "skip":
       z0 = jax.lax.stop_gradient(sample_fn(params, noise_fn(eps)))
-      (_, (loss, s)), grad = jax.value_and_grad(loss_of_z0, has_aux=True)(z0)
+      grad, loss, s = skip_gradient(cfg, decode_fn, logits_fn, params, z0)
     else:
-      (_, (loss, s)), grad = jax.value_and_grad(loss_of_eps, has_aux=True)(eps)
+      (_, (loss, s)), grad = jax.value_and_grad(
+          lambda e: image_loss(cfg, decode_fn, logits_fn, params, sample_fn(params, noise_fn(e))),
+          has_aux=True)(eps)
     return eps - scale * grad.astype(eps.dtype), (loss, s)
 
   eps, (losses, scores) = jax.lax.scan(iteration, eps, None, length=cfg.iterations - 1)
-  z0 = sample_fn(params, noise_fn(eps))
-  images = decode_fn(params, z0)
+  images = decode_fn(params, sample_fn(params, noise_fn(eps)))
   logits = logits_fn(params, images)
   last_loss = boundary_loss(logits, cfg.loss, cfg.target)[None]
   last_score = boundary_score(logits)[None]
