@@ -120,7 +120,8 @@ def class_features(bundle, params, classnames, templates, batch_size: int, mesh=
 
 def _image_batch_features(bundle, params, images: np.ndarray, batch_size: int, mesh=None) -> np.ndarray:
   from synood_jax import zero_shot
-  return np.asarray(zero_shot.image_features(bundle, params, images, batch_size, mesh=mesh), np.float32)
+  return np.asarray(zero_shot.image_features(bundle, params, images, batch_size, mesh=mesh, normalize=False),
+                    np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,7 +129,8 @@ def _image_batch_features(bundle, params, images: np.ndarray, batch_size: int, m
 
 @dataclasses.dataclass
 class Features:
-  features: np.ndarray        # float32 [n, D], L2-normalised, rows for the readable records
+  features: np.ndarray        # float32 [n, D], raw projected embeddings (not normalised: SynOOD's
+                              # projection takes them as they are), rows for the readable records
   labels: np.ndarray          # int64 [n]
   indices: np.ndarray         # int64 [n]: record index of each row
   failures: list[dict]        # [{path, error}] records that could not be read (left out)
@@ -149,7 +151,7 @@ def model_fingerprint(clip_path: str) -> str:
 
 def cache_key(dataset: data.Dataset, model_fp: str, preprocess_id: str, dtype: str) -> str:
   key = json.dumps({"set": dataset.fingerprint(), "model": model_fp, "preprocess": preprocess_id,
-                    "dtype": dtype}, sort_keys=True)
+                    "dtype": dtype, "features": "raw"}, sort_keys=True)
   return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -216,10 +218,11 @@ def _chunked(fn: Callable[[np.ndarray], Any], x: np.ndarray, chunk: int) -> np.n
 def builtin_methods(names: Sequence[str], *, groups: int, temperature: float, seed: int,
                     mcm_temperature: float) -> dict[str, ScoreFn]:
   from synood_jax import scores
-  table = {
-      "mcm": lambda img, ctx: scores.mcm_score(img, ctx["id_text"], temperature=mcm_temperature),
+  from synood_jax.zero_shot import l2_normalize as unit
+  table = {  # features arrive raw (as cached); the zero-shot scores take them normalised
+      "mcm": lambda img, ctx: scores.mcm_score(unit(img), ctx["id_text"], temperature=mcm_temperature),
       "neglabel": lambda img, ctx: scores.neglabel_score(
-          img, ctx["id_text"], ctx["neg_text"], groups=groups, temperature=temperature, seed=seed),
+          unit(img), ctx["id_text"], ctx["neg_text"], groups=groups, temperature=temperature, seed=seed),
   }
   unknown = [n for n in names if n not in table]
   if unknown:
@@ -229,11 +232,11 @@ def builtin_methods(names: Sequence[str], *, groups: int, temperature: float, se
 
 def tuned_method(*, groups: int, temperature: float, seed: int,
                  image_transform: Callable | None, negative_features: np.ndarray | None) -> ScoreFn:
-  """NegLabel's score on transformed image features against (tuned) negative features."""
-  from synood_jax import scores
+  """NegLabel's score on transformed raw image features against (tuned) negative features."""
+  from synood_jax import scores, zero_shot
 
   def fn(img, ctx):
-    x = img if image_transform is None else image_transform(img)
+    x = zero_shot.l2_normalize(img) if image_transform is None else image_transform(img)
     neg = ctx["neg_text"] if negative_features is None else negative_features
     return scores.neglabel_score(x, ctx["id_text"], neg, groups=groups, temperature=temperature, seed=seed)
   return fn

@@ -31,6 +31,11 @@ def _image_features(bundle, params, images):
   return l2_normalize(bundle.encode_image(params, images))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _raw_image_features(bundle, params, images):
+  return bundle.encode_image(params, images).astype(jnp.float32)
+
+
 def _batched(fn, bundle, params, x: np.ndarray, batch_size: int, mesh: Mesh | None) -> np.ndarray:
   """fn over fixed-size batches (one compiled shape), the last one padded; rows sharded over `mesh`.
   Single-host: with several processes each would get every process's rows back (not handled yet)."""
@@ -74,9 +79,11 @@ def class_text_features(bundle, params, classnames: Sequence[str], templates: Se
 
 
 def image_features(bundle, params, images: np.ndarray, batch_size: int = 256,
-                   mesh: Mesh | None = None) -> np.ndarray:
-  """L2-normalized [N, D] features of preprocessed NHWC images."""
-  return _batched(_image_features, bundle, params, np.asarray(images, np.float32), batch_size, mesh)
+                   mesh: Mesh | None = None, normalize: bool = True) -> np.ndarray:
+  """[N, D] features of preprocessed NHWC images: L2-normalized, or the raw projected embeddings
+  (`normalize=False`; SynOOD's projection takes those as input)."""
+  fn = _image_features if normalize else _raw_image_features
+  return _batched(fn, bundle, params, np.asarray(images, np.float32), batch_size, mesh)
 
 
 __all__ = ["class_text_features", "image_features", "l2_normalize"]
