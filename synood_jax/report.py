@@ -150,3 +150,45 @@ def write_plots(scores: Mapping[str, Mapping[str, np.ndarray]], id_set: str, ood
     paths.append(plot_histograms(v[id_set], {s: v[s] for s in ood_sets},
                                  os.path.join(out_dir, f"hist_{m}.png"), f"{pretty(m)} scores"))
   return paths
+
+
+def write_image_grid(pairs: Sequence[tuple[str, str]], path: str, size: int = 96) -> str:
+  """Two rows per column pair: each source image above its synthetic in-painting (PNG)."""
+  from PIL import Image
+  n = len(pairs)
+  grid = Image.new("RGB", (max(n, 1) * size, 2 * size), "white")
+  for i, (src, syn) in enumerate(pairs):
+    for row, p in enumerate((src, syn)):
+      with Image.open(p) as im:
+        grid.paste(im.convert("RGB").resize((size, size), Image.BICUBIC), (i * size, row * size))
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  grid.save(path)
+  return path
+
+
+def write_run_report(workdir: str, max_pairs: int = 12) -> str:
+  """`report.md` of a whole SynOOD run: results table, source vs synthetic grid, ROC curves."""
+  import json
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    results = json.load(f)
+  with open(os.path.join(workdir, "synthesis", "manifest.jsonl")) as f:
+    manifest = [json.loads(line) for line in f]
+  with open(os.path.join(workdir, "done", "sources.json")) as f:
+    source_root = json.load(f)["root"]
+  step = max(1, len(manifest) // max_pairs)
+  pairs = [(os.path.join(source_root, m["source"]), os.path.join(workdir, "synthesis", m["output"]))
+           for m in manifest[::step][:max_pairs]]
+  write_image_grid(pairs, os.path.join(workdir, "report_grid.png"))
+  scores = [m["scores"] for m in manifest]
+  lines = ["# SynOOD run report", "", markdown(results), "",
+           "## Synthesis", "",
+           f"{len(manifest)} synthetic images; boundary score s per refinement iteration (mean over images): "
+           + ", ".join(f"{v:.3f}" for v in np.mean(scores, axis=0)) + ".",
+           f"{sum(m['stayed_in_distribution'] for m in manifest)} flagged as still in-distribution.", "",
+           "Top row: sources; bottom row: their synthetic near-boundary OOD images.", "",
+           "![sources and synthetic images](report_grid.png)", "", "## ROC curves", ""]
+  lines += [f"![ROC {s}](eval/plots/roc_{s}.png)" for s in results["ood_sets"]]
+  path = os.path.join(workdir, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path

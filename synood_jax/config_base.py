@@ -1,0 +1,93 @@
+"""The configuration of a whole SynOOD run: the paper's setting, which the config files start from."""
+import os
+
+import ml_collections
+
+from synood_jax import finetune
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.compile_cache_dir = os.path.expanduser("~/.cache/synood_jax/xla")  # '' turns the cache off
+  c.multi_host = False                  # jax.distributed.initialize() on a pod / multi-node mesh
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+  c.models = ml_collections.ConfigDict()
+  c.models.clip_path = ""               # HF CLIP folder (openai/clip-vit-base-patch16); '' makes a tiny one
+  c.models.sd_path = ""                 # diffusers stabilityai/stable-diffusion-2-inpainting; '' makes a tiny one
+  c.models.dtype = "float32"            # networks; latents and scheduler stay float32
+  c.models.tiny_clip = ml_collections.ConfigDict()
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train_root = ""                # ImageNet-1k train: <root>/<wnid>/<file>.JPEG
+  c.data.val_root = ""
+  c.data.classnames = "imagenet"        # CLIP-cleaned names; 'folders' = the class folder names; or a file
+  c.data.generate = ml_collections.ConfigDict()  # the demo's generated image set (empty: none)
+
+  c.sources = ml_collections.ConfigDict(dict(per_class=50))
+
+  c.context = ml_collections.ConfigDict()
+  c.context.answers_file = ""           # MLLM answers (LLaVA JSONL or {path: text} JSONL)
+  c.context.template = "A photo only remain {context}."
+  c.context.max_chars = 73
+  c.context.policy = "fallback"         # a source without an answer: 'skip' or the fallback prompt
+  c.context.fallback_prompt = "A photo only remain the background."
+
+  c.synthesis = ml_collections.ConfigDict()
+  c.synthesis.seed = 0                  # noise of each image: (seed, source id)
+  c.synthesis.image_size = 512
+  c.synthesis.steps = 20
+  c.synthesis.strength = 0.6
+  c.synthesis.guidance_scale = 8.0
+  c.synthesis.scheduler = ""            # '' = the folder's (PNDM for SD-2 in-painting)
+  c.synthesis.iterations = 3            # K
+  c.synthesis.step_size = 10.0          # r
+  c.synthesis.target = -5.0             # m
+  c.synthesis.loss = "squared"          # 'squared' (m - s)^2, 'hinge', 'msp_kl'
+  c.synthesis.grad_mode = "skip"        # 'skip' (official dL/dz0) or 'exact' (through the sampler)
+  c.synthesis.reference_batch = 1       # the official loss averages over its batch: B here reproduces it
+  c.synthesis.band = 2.0                # |s - m| <= band: near the boundary; s < m - band: flagged as ID
+  c.synthesis.batch_size = 8            # global; a multiple of the device count
+  c.synthesis.decode_chunk = 0          # VAE-decode this many rows at a time (0: all)
+  c.synthesis.classifier = "clip"       # 'clip' zero-shot over the ID prompts, or 'resnet50'
+  c.synthesis.clip_logit_scale = 100.0
+  c.synthesis.resnet_path = ""          # torchvision resnet50 IMAGENET1K_V2 state dict (.pth / .safetensors)
+  c.synthesis.log_every_secs = 30.0
+
+  c.negatives = ml_collections.ConfigDict()
+  c.negatives.label_list = ""           # NegLabel's published list, or ours; '' = mine from the corpus
+  c.negatives.corpus = ""               # WordNet dict folder, or 'nouns.txt,adjectives.txt'
+  c.negatives.percentile = 0.95
+  c.negatives.keep_fraction = 0.15
+
+  c.pseudo = ml_collections.ConfigDict(dict(drop_flagged=True))  # drop images that stayed ID
+  c.stage2 = finetune.default_stage2_config()
+  c.stage3 = finetune.default_stage3_config()
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.clip_path = ""                 # filled in from models.clip_path
+  c.eval.dtype = "float32"
+  c.eval.data_dir = ""                  # prepared manifests (launch/prepare_data.py)
+  c.eval.id_set = "imagenet_val"
+  c.eval.ood_sets = "inaturalist,sun,places,textures"
+  c.eval.classnames = "imagenet"
+  c.eval.templates = "neglabel"         # 'the nice {}'
+  c.eval.negatives = ml_collections.ConfigDict(dict(label_list="", corpus="", percentile=0.95,
+                                                    keep_fraction=0.15))
+  c.eval.scores = "mcm,neglabel"
+  c.eval.groups = 100
+  c.eval.temperature = 0.01
+  c.eval.seed = 0
+  c.eval.mcm_temperature = 1.0
+  c.eval.tuned_method = "synood"
+  c.eval.batch_size = 256
+  c.eval.text_batch_size = 1000
+  c.eval.score_batch_size = 4096
+  c.eval.num_threads = 0
+  c.eval.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.eval.cache_dir = ""
+  c.eval.allow_partial = False
+  c.eval.verify = "exists"
+  c.eval.plots = True
+  return c
