@@ -78,6 +78,16 @@ class Context:
     return zero_shot.class_text_features(self.clip, self.clip.params, self.classnames, templates,
                                          int(self.config.eval.text_batch_size), self.mesh)
 
+  @functools.cached_property
+  def synthesis_models(self):
+    """(in-painting pipeline, params sharded on the mesh incl. the classifier's, logits_fn)."""
+    from synood_jax.diffusion import pipeline
+    c = self.config
+    pipe, params = pipeline.load_inpaint_pipeline(model_paths(c, self.workdir)[1], dtype=jnp.dtype(c.models.dtype),
+                                                  scheduler=c.synthesis.get("scheduler") or None)
+    logits_fn, params["classifier"] = _guidance(self)
+    return pipe, parallel.shard_params(params, self.mesh), logits_fn
+
   def preprocess(self):
     return evaluation.make_preprocess(model_paths(self.config, self.workdir)[0],
                                       self.clip.config.vision.image_size)[0]
@@ -163,18 +173,13 @@ def _guidance(ctx: Context):
 
 
 def _synthesize(ctx: Context, records: list[dict], source_root: str, out_dir: str) -> list[dict]:
-  from synood_jax.diffusion import pipeline
   c = ctx.config
   contexts = c.context.answers_file or {}
   prompts = context_prompts.prompts_for_sources(
       records, contexts, policy=c.context.policy, fallback_prompt=c.context.fallback_prompt,
       template=c.context.template, max_chars=c.context.max_chars)
   kept = [r for r in records if r["path"] in prompts.prompts]
-  sd_path = model_paths(c, ctx.workdir)[1]
-  pipe, params = pipeline.load_inpaint_pipeline(sd_path, dtype=jnp.dtype(c.models.dtype),
-                                                scheduler=c.synthesis.get("scheduler") or None)
-  logits_fn, params["classifier"] = _guidance(ctx)
-  params = parallel.shard_params(params, ctx.mesh)
+  pipe, params, logits_fn = ctx.synthesis_models
   return synthesis.synthesize(c.synthesis, out_dir, pipe, params, logits_fn, source_root, kept,
                               [prompts.prompts[r["path"]] for r in kept], ctx.mesh)
 

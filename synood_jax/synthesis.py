@@ -89,6 +89,14 @@ def synthesize_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, deco
   return refinement.refine(refine_cfg, noise_fn, sample_fn, decode_fn, classify, params, eps)
 
 
+@functools.lru_cache(maxsize=8)
+def jitted_batch_fn(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
+                    logits_fn: Callable):
+  """One jitted `synthesize_batch` per (pipeline, refinement, steps, chunk, classifier): calls for
+  several source sets (or a resumed run in the same process) reuse its compiled program."""
+  return jax.jit(functools.partial(synthesize_batch, pipe, refine_cfg, steps, decode_chunk, logits_fn))
+
+
 def masked_image_latents(pipe, vae_params, size: int) -> jax.Array:
   """Latents of the all-zero masked image (the mask covers everything): the posterior mean, scaled.
 
@@ -119,6 +127,14 @@ def read_manifest(path: str) -> dict[str, dict]:
   return done
 
 
+def _remove_stale_temp_files(out_dir: str) -> None:
+  """PNGs half-written by a killed process (`*.png.tmp<pid>`) are dropped before a rerun."""
+  for folder, _, files in os.walk(out_dir):
+    for f in files:
+      if ".png.tmp" in f:
+        os.remove(os.path.join(folder, f))
+
+
 def _atomic_png(pixels: np.ndarray, path: str) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
@@ -143,6 +159,7 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
   refinement fields iterations, step_size, target, loss, grad_mode, reference_batch.
   """
   os.makedirs(out_dir, exist_ok=True)
+  _remove_stale_temp_files(out_dir)
   manifest_path = os.path.join(out_dir, f"manifest.{jax.process_index()}.jsonl"
                                if jax.process_count() > 1 else "manifest.jsonl")
   done = {s: r for s, r in read_manifest(manifest_path).items()
@@ -171,8 +188,7 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
 
   negative_ids = jnp.asarray(pipe.tokenize([""]))
   masked = masked_image_latents(pipe, params["vae"], config.image_size)
-  step_fn = jax.jit(functools.partial(synthesize_batch, pipe, refine_cfg, config.steps,
-                                      config.get("decode_chunk", None), logits_fn))
+  step_fn = jitted_batch_fn(pipe, refine_cfg, config.steps, config.get("decode_chunk") or None, logits_fn)
   progress = Progress(total=len(mine), initial=len(mine) - len(todo), name="synthesis", unit="img",
                       every_secs=config.get("log_every_secs", 30))
   with open(manifest_path, "a") as manifest:
