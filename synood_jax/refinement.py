@@ -25,8 +25,9 @@ def boundary_score(logits: jax.Array) -> jax.Array:
 
 
 def boundary_loss(logits: jax.Array, kind: str = "squared", target: float = -5.0) -> jax.Array:
-  """Per-image loss: 'squared' (m - s)^2 (official); 'hinge' relu(m - s)^2 (only pushes s below m
-  when it is above); 'msp_kl' KL(uniform || softmax(g)) = -log C - s, which pulls toward uniform.
+  """Per-image loss: 'squared' (m - s)^2 (official); 'hinge' relu(m - s)^2 (pushes s up to m while
+  the image is more in-distribution than the boundary, leaves it alone beyond); 'msp_kl'
+  KL(uniform || softmax(g)) = -log C - s, which pulls toward uniform.
 
   The official MSP variant passes probabilities where torch's kl_div expects log-probabilities, which
   makes its loss a constant with zero gradient; 'msp_kl' is the KL it meant.
@@ -35,7 +36,7 @@ def boundary_loss(logits: jax.Array, kind: str = "squared", target: float = -5.0
   if kind == "squared":
     return (target - s) ** 2
   if kind == "hinge":
-    return jax.nn.relu(s - target) ** 2
+    return jax.nn.relu(target - s) ** 2
   if kind == "msp_kl":
     return -jnp.log(logits.shape[-1]) - s
   raise ValueError(f"refinement.loss: unknown loss {kind!r}; choose one of {LOSSES}")

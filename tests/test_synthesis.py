@@ -175,8 +175,8 @@ def test_loss_kinds_against_hand_formulas():
   m = float(np.median(s_hand[1:]))
   got = {k: np.asarray(refinement.boundary_loss(jnp.asarray(logits, jnp.float32), k, m)) for k in refinement.LOSSES}
   np.testing.assert_allclose(got["squared"], (m - s_hand) ** 2, rtol=1e-5, atol=1e-5)
-  # 'hinge' as implemented: (s - m)^2 where s is above m, 0 below (only pushes s down to m).
-  hinge = np.where(s_hand > m, (s_hand - m) ** 2, 0.0)
+  # 'hinge' relu(m - s)^2: (m - s)^2 while s is below m (more in-distribution), 0 beyond it.
+  hinge = np.where(s_hand < m, (m - s_hand) ** 2, 0.0)
   np.testing.assert_allclose(got["hinge"], hinge, rtol=1e-5, atol=1e-5)
   assert (got["hinge"] == 0).any() and (got["hinge"] > 0).any()
   # 'msp_kl' = KL(uniform || softmax(g)), by scipy (entropy(p, q) = sum p log(p/q)) and by hand.
