@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
 from synood_jax import (context_prompts, data, demo_data, evaluation, finetune, guidance, imagenet_classes,
                         negative_labels as nl, parallel, sources, synthesis, zero_shot)
@@ -273,8 +274,7 @@ def stage_stage2(ctx: Context) -> dict:
   params = finetune.train_projection(ctx.config.stage2, np.concatenate([f["id_features"], f["syn_features"]]),
                                      labels, text, ctx.workdir, ctx.mesh)
   path = _path(ctx.workdir, "stage2_projection", "projection.npz")
-  flat = {"/".join(k): np.asarray(v) for k, v in _flatten(params).items()}
-  np.savez(path, **flat)
+  np.savez(path, **{k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()})
   return {"path": path, "examples": int(labels.size), "classes": int(text.shape[0])}
 
 
@@ -290,31 +290,10 @@ def stage_stage3(ctx: Context) -> dict:
   return {"tuned_rows": int(tuned.shape[0])}
 
 
-def _flatten(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat: dict) -> dict:
-  out: dict = {}
-  for key, v in flat.items():
-    node = out
-    parts = key.split("/")
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = jnp.asarray(v)
-  return out
-
-
 def tuned_model(ctx: Context) -> tuple[Callable, np.ndarray]:
   """(image transform f -> normalize(f + P(f)), negative features with the tuned rows in place)."""
   with np.load(_path(ctx.workdir, "stage2_projection", "projection.npz")) as z:
-    params = _unflatten({k: z[k] for k in z.files})
+    params = traverse_util.unflatten_dict({k: jnp.asarray(z[k]) for k in z.files}, sep="/")
   eps = float(ctx.config.stage2.layernorm_eps)
   norm_in = bool(ctx.config.stage2.normalize_inputs)
   neg_text, _ = _negative_text(ctx)
