@@ -14,18 +14,11 @@ transformers = pytest.importorskip("transformers")
 from synood_jax import parallel  # noqa: E402
 from synood_jax.diffusion import inpaint, pipeline, schedulers  # noqa: E402
 from synood_jax.models import tiny, tiny_sd  # noqa: E402
+from test_unet_vae import _perturbed  # noqa: E402  (tests/ is on sys.path)
 
 B, IMAGE, LATENT = 8, 32, 16
 STEPS, STRENGTH, GUIDANCE = 20, 0.6, 8.0
 PROMPTS = ["A photo only remain a green meadow."] * 4 + ["A photo only remain the sky."] * 4
-
-
-def _perturbed(model, seed):
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn(p.shape, generator=g))
-  return model.eval()
 
 
 @pytest.fixture(scope="module")
