@@ -1,0 +1,185 @@
+"""Shared pieces of the in-painting / synthesis benchmarks: a tiny-but-not-trivial SD-2-in-painting-shaped
+diffusers pipeline built in PyTorch with random weights, timing helpers and device reporting.
+
+The pipeline is SD-2-in-painting shaped: a 9-channel UNet (CrossAttn, CrossAttn, Down blocks; linear
+projections; head dims as SD-2), a KL VAE whose depth sets the latent/pixel ratio, an OpenCLIP-like
+CLIPTextModel (gelu) whose width is the UNet's cross_attention_dim, the SD-2-in-painting PNDM scheduler,
+and a character-level CLIP tokenizer. Sizes come from absl flags (defined here, shared by both mains).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+flags.DEFINE_list("unet_channels", ["32", "64", "128"], "UNet block_out_channels (3 levels: CrossAttn, CrossAttn, Down)")
+flags.DEFINE_integer("unet_layers", 1, "UNet layers_per_block")
+flags.DEFINE_integer("head_dim", 8, "UNet attention heads per level (diffusers' attention_head_dim)")
+flags.DEFINE_list("vae_channels", ["32", "64", "64"], "VAE block_out_channels (pixels = latents * 2^(levels-1))")
+flags.DEFINE_integer("text_width", 64, "CLIPTextModel hidden size = UNet cross_attention_dim")
+flags.DEFINE_integer("text_layers", 2, "CLIPTextModel layers")
+flags.DEFINE_integer("latent_size", 32, "latent height/width")
+flags.DEFINE_integer("batch", 2, "images per batch")
+flags.DEFINE_integer("steps", 20, "num_inference_steps (12 denoising steps after strength 0.6)")
+flags.DEFINE_float("strength", 0.6, "in-painting strength")
+flags.DEFINE_float("guidance", 8.0, "classifier-free guidance scale")
+flags.DEFINE_integer("repeats", 2, "warm timed calls per side (median reported)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "our networks' dtype (latents, scheduler stay fp32)")
+flags.DEFINE_enum("torch_dtype", "float32", ["float32", "float16", "bfloat16"],
+                  "diffusers' dtype (float16/bfloat16 are for a GPU)")
+flags.DEFINE_string("pipeline", "", "an existing diffusers in-painting folder (e.g. SD-2-inpainting); empty: random tiny")
+FLAGS = flags.FLAGS
+
+PROMPTS = ["a green meadow under a cloudy sky", "the sky over a city at night", "a wooden table with cups",
+           "a dog lying on a red carpet", "waves breaking on rocks", "a street with parked bicycles"]
+
+
+def prompts(n: int) -> list[str]:
+  """The official prompt form, `"A photo only remain " + answer[:73] + "."`."""
+  return ["A photo only remain " + PROMPTS[i % len(PROMPTS)][:73] + "." for i in range(n)]
+
+
+def torch_device():
+  import torch
+  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_dtype():
+  import torch
+  return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[FLAGS.torch_dtype]
+
+
+def sync(device=None):
+  import torch
+  if (device or torch_device()).type == "cuda":
+    torch.cuda.synchronize()
+
+
+def device_lines() -> list[str]:
+  import jax
+  import torch
+  d = jax.devices()[0]
+  dev = torch_device()
+  torch_name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                else f"cpu, {torch.get_num_threads()} threads")
+  return [f"  ours (JAX {jax.__version__}):       {len(jax.devices())} x {d.platform} ({d.device_kind})",
+          f"  diffusers (torch {torch.__version__}): {dev.type} ({torch_name}), {FLAGS.torch_dtype}"]
+
+
+def unet_config(channels, layers, heads, cross_dim, sample_size) -> dict:
+  n = len(channels)
+  return {
+      "sample_size": sample_size, "in_channels": 9, "out_channels": 4, "block_out_channels": list(channels),
+      "layers_per_block": layers,
+      "down_block_types": ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
+      "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
+      "mid_block_type": "UNetMidBlock2DCrossAttn",
+      # SD-2 uses heads of width 64; here a fixed head count per level, as the tiny test config
+      "attention_head_dim": [heads] * n, "cross_attention_dim": cross_dim, "use_linear_projection": True,
+      "upcast_attention": False, "norm_num_groups": min(32, channels[0]), "norm_eps": 1e-5,
+      "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
+  }
+
+
+def vae_config(channels, sample_size) -> dict:
+  n = len(channels)
+  return {"sample_size": sample_size, "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+          "block_out_channels": list(channels), "layers_per_block": 1,
+          "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+          "norm_num_groups": min(32, channels[0]), "act_fn": "silu", "scaling_factor": 0.18215}
+
+
+def _perturbed(model, seed):
+  """Random init leaves zero-initialised output convs; add noise so every path carries signal."""
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn(p.shape, generator=g))
+  return model.eval()
+
+
+def make_torch_pipeline(root: str):
+  """(folder, image_size): a random tiny diffusers StableDiffusionInpaintPipeline saved in root/pipe,
+  or FLAGS.pipeline as it is."""
+  import diffusers
+  import torch
+  import transformers
+
+  from synood_jax.models import tiny, tiny_sd
+
+  if FLAGS.pipeline:
+    vae = diffusers.AutoencoderKL.load_config(os.path.join(FLAGS.pipeline, "vae"))
+    return FLAGS.pipeline, FLAGS.latent_size * 2 ** (len(vae["block_out_channels"]) - 1)
+  unet_ch = [int(c) for c in FLAGS.unet_channels]
+  vae_ch = [int(c) for c in FLAGS.vae_channels]
+  image = FLAGS.latent_size * 2 ** (len(vae_ch) - 1)
+  torch.manual_seed(0)
+  unet = _perturbed(diffusers.UNet2DConditionModel(**unet_config(
+      unet_ch, FLAGS.unet_layers, FLAGS.head_dim, FLAGS.text_width, FLAGS.latent_size)), 1)
+  vae = _perturbed(diffusers.AutoencoderKL(**vae_config(vae_ch, image)), 2)
+  text_cfg = dict(tiny_sd.TINY_TEXT_CONFIG, hidden_size=FLAGS.text_width, intermediate_size=4 * FLAGS.text_width,
+                  num_hidden_layers=FLAGS.text_layers)
+  text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_cfg)).eval()
+  tok_dir = tiny.write_char_tokenizer(os.path.join(root, "tok"))
+  pipe = diffusers.StableDiffusionInpaintPipeline(
+      vae=vae, text_encoder=text, tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_dir), unet=unet,
+      scheduler=diffusers.PNDMScheduler.from_config(tiny_sd.SD2_INPAINT_SCHEDULER), safety_checker=None,
+      feature_extractor=None, requires_safety_checker=False)
+  folder = os.path.join(root, "pipe")
+  pipe.save_pretrained(folder)
+  return folder, image
+
+
+def load_torch_pipeline(folder: str):
+  import diffusers
+  pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
+      folder, torch_dtype=torch_dtype(), safety_checker=None, requires_safety_checker=False)
+  pipe.set_progress_bar_config(disable=True)
+  return pipe.to(torch_device())
+
+
+def config_line(image: int) -> str:
+  if FLAGS.pipeline:
+    return f"pipeline {FLAGS.pipeline}, {image}px images, {FLAGS.latent_size}px latents"
+  return (f"UNet {tuple(int(c) for c in FLAGS.unet_channels)} x{FLAGS.unet_layers} layers, VAE "
+          f"{tuple(int(c) for c in FLAGS.vae_channels)}, text width {FLAGS.text_width}; "
+          f"{FLAGS.latent_size}px latents / {image}px images")
+
+
+def timed(fn, sync_fn=None):
+  """(result, seconds) of one call; `sync_fn(result)` waits for asynchronous work."""
+  t0 = time.perf_counter()
+  out = fn()
+  if sync_fn is not None:
+    sync_fn(out)
+  return out, time.perf_counter() - t0
+
+
+def first_and_warm(sides, repeats: int):
+  """sides: {name: (fn, sync_fn)}. Each side's first call, then `repeats` warm calls interleaved
+  (a, b, a, b, ...) so that load from other processes hits both alike.
+  Returns {name: (last result, first-call s, median warm s, [warm s])}."""
+  first, warm, out = {}, {k: [] for k in sides}, {}
+  for name, (fn, sync_fn) in sides.items():
+    out[name], first[name] = timed(fn, sync_fn)
+  for _ in range(repeats):
+    for name, (fn, sync_fn) in sides.items():
+      out[name], t = timed(fn, sync_fn)
+      warm[name].append(t)
+  return {k: (out[k], first[k], statistics.median(warm[k]), warm[k]) for k in sides}
+
+
+def nchw(x):
+  import torch
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
+
+
+def nhwc(t) -> np.ndarray:
+  return t.detach().float().cpu().numpy().transpose(0, 2, 3, 1)
