@@ -176,7 +176,7 @@ def main(argv):
         f"{(t_first + sum(t_all)) / (o_first + sum(o_all)):.2f} x")
   ok = np.isfinite(o_img).all() and np.isfinite(t_img).all()
   print(f"  outputs finite: {ok}; shapes ours {o_img.shape} official {t_img.shape}; our scores per iteration "
-        f"(image 0): {np.round(o_scores[:, 0], 3).tolist()} (random posterior/noise differ between the two sides)")
+        f"(image 0): {' '.join(f'{v:.3f}' for v in o_scores[:, 0])} (random posterior/noise differ between the two sides)")
   del torch
 
 
