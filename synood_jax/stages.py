@@ -1,6 +1,7 @@
 """The whole SynOOD method as resumable stages over one workdir.
 
-models -> data -> sources -> synthesis -> negatives -> features -> stage2 -> stage3 -> evaluate -> report
+models -> data -> sources -> synthesis -> negatives -> features -> stage2 -> stage3 -> export -> evaluate
+-> report
 
 Each stage writes into the workdir and then `done/<stage>.json`; a rerun skips finished stages, and a
 stage that was killed picks up where it stopped (synthesis by its manifest, training by its orbax
@@ -21,11 +22,12 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from synood_jax import (context_prompts, data, demo_data, evaluation, finetune, guidance, imagenet_classes,
+from synood_jax import (context_prompts, data, demo_data, evaluation, export, finetune, guidance,
+                        imagenet_classes,
                         negative_labels as nl, parallel, sources, synthesis, zero_shot)
 
 STAGES = ("models", "data", "sources", "synthesis", "negatives", "features", "stage2", "stage3",
-          "evaluate", "report")
+          "export", "evaluate", "report")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,17 +292,31 @@ def stage_stage3(ctx: Context) -> dict:
   return {"tuned_rows": int(tuned.shape[0])}
 
 
-def tuned_model(ctx: Context) -> tuple[Callable, np.ndarray]:
-  """(image transform f -> normalize(f + P(f)), negative features with the tuned rows in place)."""
+def tuned_model(ctx: Context) -> export.TunedModel:
+  """The tuned model of this workdir: projection (stage 2), negatives with the tuned rows (stage 3)."""
   with np.load(_path(ctx.workdir, "stage2_projection", "projection.npz")) as z:
     params = traverse_util.unflatten_dict({k: jnp.asarray(z[k]) for k in z.files}, sep="/")
-  eps = float(ctx.config.stage2.layernorm_eps)
-  norm_in = bool(ctx.config.stage2.normalize_inputs)
-  neg_text, _ = _negative_text(ctx)
+  neg_text, neg_names = _negative_text(ctx)
   tuned = np.load(_path(ctx.workdir, "stage3_negatives", "tuned_negatives.npy"))
   negatives = neg_text.copy()
   negatives[_features(ctx)["distinct"]] = np.asarray(zero_shot.l2_normalize(tuned))
-  return (lambda f: finetune.apply_projection(params, f, eps, norm_in)), negatives
+  e, s2 = ctx.config.eval, ctx.config.stage2
+  return export.TunedModel(ctx.clip, params, ctx.id_text, negatives, neg_names, list(ctx.classnames),
+                           groups=int(e.groups), temperature=float(e.temperature),
+                           layernorm_eps=float(s2.layernorm_eps), normalize_inputs=bool(s2.normalize_inputs))
+
+
+def stage_export(ctx: Context) -> dict:
+  """The tuned model as a folder others can load (`export.load_tuned`)."""
+  m = tuned_model(ctx)
+  labels = nl.load_label_list(_path(ctx.workdir, "negative_labels.json"))
+  folder = export.export_tuned(
+      _path(ctx.workdir, "export"), m.bundle, m.projection, m.id_text, m.negatives, m.negative_labels,
+      labels.prompts, m.classnames,
+      {"groups": m.groups, "temperature": m.temperature, "layernorm_eps": m.layernorm_eps,
+       "normalize_inputs": m.normalize_inputs, "templates": ctx.config.eval.templates,
+       "clip_source": model_paths(ctx.config, ctx.workdir)[0]})
+  return {"folder": folder}
 
 
 def stage_evaluate(ctx: Context) -> dict:
@@ -318,9 +334,9 @@ def stage_evaluate(ctx: Context) -> dict:
       e.id_set = f"id_val={roots['val']}"
       e.ood_sets = (f"ood_classes={roots['ood']},"
                     f"synthetic_heldout={_path(ctx.workdir, 'synthesis_heldout')}")
-  transform, negatives = tuned_model(ctx)
-  results = evaluation.evaluate(e, _path(ctx.workdir, "eval"), bundle=ctx.clip, image_transform=transform,
-                                negative_features=negatives)
+  tuned = tuned_model(ctx)
+  evaluation.evaluate(e, _path(ctx.workdir, "eval"), bundle=ctx.clip, image_transform=tuned.transform,
+                      negative_features=tuned.negatives)
   return {"results": _path(ctx.workdir, "eval", "results.json")}
 
 
@@ -333,7 +349,7 @@ def stage_report(ctx: Context) -> dict:
 STAGE_FNS: dict[str, Callable[[Context], dict]] = {
     "models": stage_models, "data": stage_data, "sources": stage_sources, "synthesis": stage_synthesis,
     "negatives": stage_negatives, "features": stage_features, "stage2": stage_stage2,
-    "stage3": stage_stage3, "evaluate": stage_evaluate, "report": stage_report,
+    "stage3": stage_stage3, "export": stage_export, "evaluate": stage_evaluate, "report": stage_report,
 }
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from synood_jax import parallel, refinement
+from synood_jax import parallel, refinement, runtime
 from synood_jax.diffusion import inpaint, schedulers
 from synood_jax.models import vae as vae_lib
 from synood_jax.progress import Progress
@@ -203,8 +203,11 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
       (images, _), (ids, _), (prompt_ids, _) = (parallel.pad_batch(x, local_batch)
                                                 for x in (images, ids, prompt_ids))
       batch = parallel.global_batch((images, ids, prompt_ids), mesh)
-      out, scores, losses, _ = step_fn(params, *batch, negative_ids, masked, first_index,
-                                       jnp.float32(config.guidance_scale), jnp.uint32(config.seed))
+      args = (params, *batch, negative_ids, masked, first_index, jnp.float32(config.guidance_scale),
+              jnp.uint32(config.seed))
+      if b == 0:  # compile once, timed apart from the run; every batch has these shapes
+        step_fn = runtime.compile_ahead(step_fn, *args, what="synthesis: compile")
+      out, scores, losses, _ = step_fn(*args)
       out, scores, losses = parallel.to_host((out, scores, losses))
       offset = jax.process_index() * local_batch if jax.process_count() > 1 else 0
       for j in range(n_real):

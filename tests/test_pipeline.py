@@ -108,3 +108,19 @@ def test_synthesis_killed_and_resumed_equals_clean_run(demo_run, tmp_path):
   leftovers = [f for _, _, fs in os.walk(os.path.join(workdir, "synthesis")) for f in fs if ".tmp" in f]
   assert not leftovers
   print(f"killed after {partial} of {len(ref)} images, resumed: equal to the clean run")
+
+
+def test_exported_model_reproduces_the_tuned_scores(demo_run, tmp_path):
+  import shutil
+  from synood_jax import export
+  workdir, _ = demo_run
+  model = export.load_tuned(os.path.join(workdir, "export"))
+  results = json.load(open(os.path.join(workdir, "eval", "results.json")))
+  saved = np.load(os.path.join(workdir, "eval", "scores.npz"))
+  for name in [results["id_set"]] + results["ood_sets"]:
+    raw = np.load(results["cache"][name])["features"]
+    np.testing.assert_allclose(np.asarray(model.score_features(raw)), saved[f"synood/{name}"], atol=1e-5)
+  broken = shutil.copytree(os.path.join(workdir, "export"), tmp_path / "broken")
+  os.remove(broken / "projection.npz")
+  with pytest.raises(FileNotFoundError, match="projection.npz"):
+    export.load_tuned(str(broken))
