@@ -225,4 +225,13 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
         done[rec["path"]] = entry
         progress.update()
   _rewrite_manifest(manifest_path, done, [r["path"] for r, _ in mine])
+  if jax.process_count() > 1:  # one manifest.jsonl in source order, as a single-host run writes
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("synthesis manifests written")
+    if jax.process_index() == 0:
+      merged = {}
+      for i in range(jax.process_count()):
+        merged.update(read_manifest(os.path.join(out_dir, f"manifest.{i}.jsonl")))
+      _rewrite_manifest(os.path.join(out_dir, "manifest.jsonl"), merged, [r["path"] for r in sources])
+    multihost_utils.sync_global_devices("synthesis manifest merged")
   return [done[r["path"]] for r, _ in mine if r["path"] in done]
