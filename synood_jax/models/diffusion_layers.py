@@ -18,6 +18,16 @@ import numpy as np
 Dtype = Any
 
 
+def config_checker(cfg: dict, fixed: dict, source: str, what: str):
+  """Refuse config values this port does not implement (naming the key); returns the error maker."""
+  def bad(key, why):
+    return ValueError(f"{source}: unsupported {what} config {key}={cfg.get(key)!r} ({why})")
+  for key, allowed in fixed.items():
+    if key in cfg and cfg[key] not in allowed:
+      raise bad(key, f"this port supports only {allowed}")
+  return bad
+
+
 def conv(features: int, kernel: int, dtype: Dtype, name: str | None, stride: int = 1,
          padding: Any = None) -> nn.Conv:
   """torch Conv2d(k, padding=k//2) unless `padding` (Flax pairs) says otherwise."""

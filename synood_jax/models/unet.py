@@ -97,12 +97,7 @@ class UNetConfig:
 
   @classmethod
   def from_dict(cls, cfg: dict, source: str = "config") -> "UNetConfig":
-    def bad(key, why):
-      return ValueError(f"{source}: unsupported UNet config {key}={cfg.get(key)!r} ({why})")
-
-    for key, allowed in _FIXED.items():
-      if key in cfg and cfg[key] not in allowed:
-        raise bad(key, f"this port supports only {allowed}")
+    bad = L.config_checker(cfg, _FIXED, source, "UNet")
     d = cls()
     down = tuple(cfg.get("down_block_types", d.down_block_types))
     up = tuple(cfg.get("up_block_types", d.up_block_types))

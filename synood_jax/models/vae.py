@@ -53,11 +53,7 @@ class VAEConfig:
 
   @classmethod
   def from_dict(cls, cfg: dict, source: str = "config") -> "VAEConfig":
-    def bad(key, why):
-      return ValueError(f"{source}: unsupported AutoencoderKL config {key}={cfg.get(key)!r} ({why})")
-    for key, allowed in _FIXED.items():
-      if key in cfg and cfg[key] not in allowed:
-        raise bad(key, f"this port supports only {allowed}")
+    bad = L.config_checker(cfg, _FIXED, source, "AutoencoderKL")
     boc = tuple(cfg.get("block_out_channels", (64,)))
     for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
       types = tuple(cfg.get(key, (want,)))
