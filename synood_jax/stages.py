@@ -16,7 +16,6 @@ import os
 import time
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging

@@ -14,7 +14,7 @@ import functools
 import json
 import os
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -9,11 +9,9 @@ import dataclasses
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synood_jax import checkpoint_io
 from synood_jax.checkpoint_io import CheckpointError
 from synood_jax.diffusion import schedulers
 from synood_jax.models import clip, unet as unet_lib, vae as vae_lib

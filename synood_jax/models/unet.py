@@ -11,11 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synood_jax import checkpoint_io
 from synood_jax.models import diffusion_layers as L
 
 CLASS_NAME = "UNet2DConditionModel"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 LITERAL = frozenset({"linear_1", "linear_2"})  # torch names that really end in "_N"
 
 # SD2-inpainting-shaped toy: 9 input channels, linear projections, text hidden size 32.
@@ -272,19 +270,10 @@ def param_shapes(module: UNet2DConditionModel) -> dict:
 
 def from_pretrained(folder: str, dtype=jnp.float32, subfolder: str | None = None):
   """A diffusers UNet folder (config.json + safetensors or .bin) -> (module, params)."""
-  import os
-  if subfolder:
-    folder = os.path.join(folder, subfolder)
-  config = checkpoint_io.read_config(folder)
-  module = build(config, dtype, source=os.path.join(folder, "config.json"))
-  state, source = checkpoint_io.load_state_dict(folder)
-  params = checkpoint_io.state_dict_to_params(state, param_shapes(module), source)
-  return module, jax.tree_util.tree_map(jnp.asarray, params)
+  return L.load_folder(folder, subfolder, build, param_shapes, dtype)
 
 
 def save_pretrained(config: dict, params, folder: str) -> None:
   """Write config.json + diffusion_pytorch_model.safetensors that diffusers' from_pretrained loads."""
   UNetConfig.from_dict(dict(config))  # refuse to write what we could not read back
-  checkpoint_io.write_config(folder, {**dict(config), "_class_name": CLASS_NAME})
-  state = checkpoint_io.params_to_state_dict(jax.device_get(params), literal=LITERAL)
-  checkpoint_io.save_state_dict(folder, state, name=WEIGHTS_NAME)
+  L.save_folder(folder, config, params, CLASS_NAME, literal=LITERAL)

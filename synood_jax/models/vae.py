@@ -6,18 +6,15 @@ q(z|x) = N(mean, exp(logvar)) from `encode`; x = D(z) from `decode`; latents are
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synood_jax import checkpoint_io
 from synood_jax.models import diffusion_layers as L
 
 CLASS_NAME = "AutoencoderKL"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 TINY_VAE_CONFIG = {
     "_class_name": CLASS_NAME,
@@ -235,17 +232,9 @@ def init_params(config: dict, rng, dtype=jnp.float32) -> dict:
 
 def from_pretrained(folder: str, dtype=jnp.float32, subfolder: str | None = None):
   """A diffusers AutoencoderKL folder -> (module, params)."""
-  if subfolder:
-    folder = os.path.join(folder, subfolder)
-  config = checkpoint_io.read_config(folder)
-  module = build(config, dtype, source=os.path.join(folder, "config.json"))
-  state, source = checkpoint_io.load_state_dict(folder)
-  params = checkpoint_io.state_dict_to_params(state, param_shapes(module), source, rename=_rename)
-  return module, jax.tree_util.tree_map(jnp.asarray, params)
+  return L.load_folder(folder, subfolder, build, param_shapes, dtype, rename=_rename)
 
 
 def save_pretrained(config: dict, params, folder: str) -> None:
-  VAEConfig.from_dict(dict(config))
-  checkpoint_io.write_config(folder, {**dict(config), "_class_name": CLASS_NAME})
-  state = checkpoint_io.params_to_state_dict(jax.device_get(params))
-  checkpoint_io.save_state_dict(folder, state, name=WEIGHTS_NAME)
+  VAEConfig.from_dict(dict(config))  # refuse to write what we could not read back
+  L.save_folder(folder, config, params, CLASS_NAME)
