@@ -159,3 +159,14 @@ def test_gradient_through_sampler_and_decoder_under_remat(ours_pndm, inputs):
   h = 1e-2
   numeric = (f(eps + h * d) - f(eps - h * d)) / (2 * h)
   np.testing.assert_allclose(float(jnp.vdot(grad, d)), float(numeric), rtol=5e-2)
+
+
+def test_pipeline_folder_errors_name_what_is_missing(tmp_path):
+  from synood_jax.checkpoint_io import CheckpointError
+  with pytest.raises(CheckpointError, match="no model_index.json"):
+    pipeline.load_inpaint_pipeline(str(tmp_path))
+  (tmp_path / "model_index.json").write_text("{}")
+  for sub in ("unet", "vae", "text_encoder", "tokenizer"):
+    (tmp_path / sub).mkdir()
+  with pytest.raises(CheckpointError, match="missing subfolder 'scheduler'"):
+    pipeline.load_inpaint_pipeline(str(tmp_path))
