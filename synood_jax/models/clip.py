@@ -143,6 +143,13 @@ def _normal(std: float):
   return nn.initializers.normal(stddev=std)
 
 
+class _TowerModule(nn.Module):
+  """The fields every module of a tower takes: its config, compute and param dtypes."""
+  cfg: TowerConfig
+  dtype: Dtype
+  param_dtype: Dtype
+
+
 class LayerNorm(nn.Module):
   """LayerNorm as torch computes it (two-pass variance), in float32 whatever the compute dtype."""
   eps: float
@@ -164,10 +171,7 @@ def _ln(cfg: TowerConfig, dtype, param_dtype, name=None):
   return LayerNorm(cfg.layer_norm_eps, dtype, param_dtype, name=name)
 
 
-class Attention(nn.Module):
-  cfg: TowerConfig
-  dtype: Dtype
-  param_dtype: Dtype
+class Attention(_TowerModule):
 
   @nn.compact
   def __call__(self, x, causal: bool):
@@ -191,10 +195,7 @@ class Attention(nn.Module):
     return dense(kernel_init=_normal(width**-0.5 * c.initializer_factor), name="out_proj")(out)
 
 
-class MLP(nn.Module):
-  cfg: TowerConfig
-  dtype: Dtype
-  param_dtype: Dtype
+class MLP(_TowerModule):
 
   @nn.compact
   def __call__(self, x):
@@ -208,10 +209,7 @@ class MLP(nn.Module):
                     name="fc2")(h)
 
 
-class EncoderLayer(nn.Module):
-  cfg: TowerConfig
-  dtype: Dtype
-  param_dtype: Dtype
+class EncoderLayer(_TowerModule):
 
   @nn.compact
   def __call__(self, x, causal: bool):
@@ -220,10 +218,7 @@ class EncoderLayer(nn.Module):
     return x + MLP(*a, name="mlp")(_ln(*a, name="layer_norm2")(x))
 
 
-class Encoder(nn.Module):
-  cfg: TowerConfig
-  dtype: Dtype
-  param_dtype: Dtype
+class Encoder(_TowerModule):
 
   @nn.compact
   def __call__(self, x, causal: bool = False):
@@ -232,10 +227,7 @@ class Encoder(nn.Module):
     return x
 
 
-class VisionEmbeddings(nn.Module):
-  cfg: TowerConfig
-  dtype: Dtype
-  param_dtype: Dtype
+class VisionEmbeddings(_TowerModule):
 
   @nn.compact
   def __call__(self, images):
@@ -254,10 +246,7 @@ class VisionEmbeddings(nn.Module):
     return x + pos(jnp.arange(x.shape[1]))[None]
 
 
-class VisionTransformer(nn.Module):
-  cfg: TowerConfig
-  dtype: Dtype
-  param_dtype: Dtype
+class VisionTransformer(_TowerModule):
 
   @nn.compact
   def __call__(self, images):
@@ -272,10 +261,7 @@ class VisionTransformer(nn.Module):
     return _ln(*a, name="post_layernorm")(x[:, 0])
 
 
-class TextEmbeddings(nn.Module):
-  cfg: TowerConfig
-  dtype: Dtype
-  param_dtype: Dtype
+class TextEmbeddings(_TowerModule):
 
   @nn.compact
   def __call__(self, ids):
@@ -286,10 +272,7 @@ class TextEmbeddings(nn.Module):
     return x + embed(c.max_position_embeddings, name="position_embedding")(jnp.arange(ids.shape[-1]))[None]
 
 
-class TextTransformer(nn.Module):
-  cfg: TowerConfig
-  dtype: Dtype
-  param_dtype: Dtype
+class TextTransformer(_TowerModule):
 
   @nn.compact
   def __call__(self, ids):
