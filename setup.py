@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="SynOOD (ICCV 2025) near-boundary OOD synthesis and NegLabel scoring in JAX/Flax",
     packages=find_packages(include=["synood_jax", "synood_jax.*"]),
+    package_data={"synood_jax.data": ["*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",

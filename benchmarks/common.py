@@ -112,7 +112,7 @@ def make_torch_pipeline(root: str):
   import torch
   import transformers
 
-  from synood_jax.models import tiny, tiny_sd
+  from synood_jax.demo import tiny_clip as tiny, tiny_sd
 
   if FLAGS.pipeline:
     vae = diffusers.AutoencoderKL.load_config(os.path.join(FLAGS.pipeline, "vae"))

@@ -1,7 +1,7 @@
 """Stage-2 epoch time: cached CLIP image features vs running the image encoder on every batch.
 
 The official `ind_ood_projection.py` runs CLIP's (frozen) image encoder on every batch of every epoch;
-`synood_jax.finetune` trains on features encoded once. Measured in one run, same data order, same
+`synood_jax.train` trains on features encoded once. Measured in one run, same data order, same
 projection, Adam and batch:
   - cache build: one encoding pass over the images (JAX, jitted, sharded over the devices);
   - one stage-2 epoch on cached features (JAX) and one encoding each batch first (JAX);
@@ -32,8 +32,12 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax.training import train_state  # noqa: E402
 
-from synood_jax import finetune, parallel  # noqa: E402
-from synood_jax.models import clip, tiny  # noqa: E402
+from synood_jax.train import loop, projection
+
+from synood_jax import config as config_lib
+from synood_jax import parallel  # noqa: E402
+from synood_jax.models import clip
+from synood_jax.demo import tiny_clip as tiny  # noqa: E402
 
 flags.DEFINE_string("clip", "", "a HF CLIP folder; empty: make a random tiny one (sizes below)")
 flags.DEFINE_integer("vision_layers", 4, "tiny CLIP: vision transformer layers")
@@ -62,8 +66,8 @@ def _clip_folder(tmp: str) -> str:
 
 
 def _batches(n: int, bs: int, seed: int):
-  spe = finetune.steps_per_epoch(n, bs)
-  return [finetune.batch_indices(s, num_examples=n, batch_size=bs, seed=seed) for s in range(spe)]
+  spe = loop.steps_per_epoch(n, bs)
+  return [loop.batch_indices(s, num_examples=n, batch_size=bs, seed=seed) for s in range(spe)]
 
 
 def _jax_epoch(step, state, batches, make_args):
@@ -102,15 +106,15 @@ def main(argv):
   text = rng.normal(size=(FLAGS.num_text, dim)).astype(np.float32)
   text /= np.linalg.norm(text, axis=-1, keepdims=True)
 
-  config = finetune.default_stage2_config()
+  config = config_lib.stage2_config()
   config.batch_size = bs
   batches = _batches(n, bs, config.seed)
   spe = len(batches)
-  tx = finetune.stage2_optimizer(config, spe)
-  loss_fn = finetune.stage2_loss_fn(config)
-  params0 = finetune.init_projection(dim, config.seed)
+  tx = projection.stage2_optimizer(config, spe)
+  loss_fn = projection.stage2_loss_fn(config)
+  params0 = projection.init_projection(dim, config.seed)
 
-  rules = finetune.REPLICATE_ALL
+  rules = loop.REPLICATE_ALL
   create = lambda p: train_state.TrainState.create(apply_fn=None, params=p, tx=tx)  # noqa: E731
   state_sh = parallel.param_shardings(jax.eval_shape(create, params0), mesh, rules)
   clip_params = parallel.shard_params(bundle.params, mesh, rules)

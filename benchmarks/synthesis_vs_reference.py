@@ -41,9 +41,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from synood_jax import guidance, refinement, synthesis, zero_shot  # noqa: E402
+from synood_jax.synthesis import guidance, refinement, synthesize as synthesis
+from synood_jax.models import zero_shot  # noqa: E402
 from synood_jax.diffusion import inpaint, pipeline, schedulers  # noqa: E402
-from synood_jax.models import clip, tiny  # noqa: E402
+from synood_jax.models import clip
+from synood_jax.demo import tiny_clip as tiny  # noqa: E402
 
 flags.DEFINE_integer("iterations", 3, "K refinement iterations")
 flags.DEFINE_float("step_size", 10.0, "r")

@@ -6,7 +6,7 @@ models the numbers say nothing about the paper: the demo shows that every stage 
 
   python launch/pipeline.py --config=configs/demo.py --workdir=/tmp/synood_demo
 """
-from synood_jax.config_base import base_config
+from synood_jax.config import base_config
 
 NOUNS = ("pebble lantern harbor violin orchard glacier teapot compass meadow anchor quilt saddle canyon "
          "kettle beacon thimble ladder walrus cactus mitten tornado vineyard trumpet igloo puddle "

@@ -18,7 +18,7 @@ Variants: `configs/evaluate.py:runlocal` shrinks batch sizes for a laptop. Sets 
 """
 import os
 
-from synood_jax.config_base import base_config
+from synood_jax.config import base_config
 
 
 def get_config(arg: str | None = None):

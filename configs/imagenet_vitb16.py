@@ -13,7 +13,7 @@ Every path is a config field; nothing is downloaded at run time.
 On a pod or multi-node GPU mesh add --config.multi_host=True and run the same command on every host;
 --config.mesh.fsdp=N shards the UNet's parameters N ways. Variant `:bf16` runs the networks in bfloat16.
 """
-from synood_jax.config_base import base_config
+from synood_jax.config import base_config
 
 
 def get_config(arg: str | None = None):

@@ -2,7 +2,8 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from synood_jax import evaluation, runtime
+from synood_jax.ood import evaluation
+from synood_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where results, plots and the feature cache go.")

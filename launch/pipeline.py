@@ -6,7 +6,9 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from synood_jax import runtime, stages
+from synood_jax import runtime
+from synood_jax.pipeline import report, stages
+from synood_jax.pipeline.workdir import Workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Run config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/synood_demo", "Where every stage writes.")
@@ -19,8 +21,9 @@ def main(argv):
   runtime.setup(_CONFIG.value)
   infos = stages.run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
   if "report" in infos:
-    print(open(infos["report"]["report"]).read().split("## Synthesis")[0])
-    print(f"Report: {infos['report']['report']}")
+    wd = Workdir(_WORKDIR.value)
+    print(report.results_section(wd))
+    print(f"Report: {wd.report}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ the number of lines of an OpenOOD list) is an error unless --allow_partial.
 """
 from absl import app, flags
 
-from synood_jax import prepare
+from synood_jax.data import prepare
 
 _OUT = flags.DEFINE_string("out_dir", None, "Where manifests (<set>.jsonl), index.json and the report go.")
 _IMAGENET = flags.DEFINE_string("imagenet_val", None, "ImageNet val folder (1000 class subfolders).")

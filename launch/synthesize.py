@@ -5,7 +5,8 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from synood_jax import runtime, stages
+from synood_jax import runtime
+from synood_jax.pipeline import stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Run config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output: <workdir>/synthesis/<class>/<name>_ood.png + manifest.")

@@ -9,18 +9,11 @@ import re
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension spans every device
-
-
-def maybe_initialize_distributed(multi_host: bool) -> None:
-  """`jax.distributed.initialize()` once, when the config asks for a multi-host job."""
-  if multi_host and jax.process_count() == 1:
-    jax.distributed.initialize()
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -36,11 +29,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
   if data * fsdp != n:
     raise ValueError(f"mesh: data={data} x fsdp={fsdp} does not use the {n} devices")
   return Mesh(np.asarray(devices).reshape(data, fsdp), MESH_AXES)
-
-
-def mesh_from_config(config) -> Mesh:
-  maybe_initialize_distributed(bool(config.get("multi_host", False)))
-  return make_mesh(config.get("data", -1), config.get("fsdp", 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +123,3 @@ def to_host(x: Any) -> Any:
     x = multihost_utils.process_allgather(x, tiled=True)
   return jax.tree_util.tree_map(np.asarray, x)
 
-
-def cast_floating(tree: Any, dtype) -> Any:
-  return jax.tree_util.tree_map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

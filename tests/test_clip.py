@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-from synood_jax import checkpoint_io, zero_shot
-from synood_jax.checkpoint_io import CheckpointError
-from synood_jax.models import clip, clip_preprocess, tiny
+from synood_jax.models import checkpoint_io, zero_shot
+from synood_jax.models.checkpoint_io import CheckpointError
+from synood_jax.models import clip, clip_preprocess
+from synood_jax.demo import tiny_clip as tiny
 
 transformers = pytest.importorskip("transformers")
 

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from synood_jax import context_prompts as cp
-from synood_jax.sources import SourceRecord
+from synood_jax.synthesis import context_prompts as cp
+from synood_jax.synthesis.sources import SourceRecord
 
 
 def official(answer):  # generate_near_ood_sample.py

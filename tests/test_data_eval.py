@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synood_jax import data, evaluation, imagenet_classes, prepare, report
+from synood_jax.data import datasets as data, imagenet as imagenet_classes, prepare
+from synood_jax.ood import evaluation, report
 
 
 def _noise_png(path, rng, color, size=40):
@@ -130,7 +131,7 @@ def _eval_config(arg=None):
 
 
 def _make_tiny_clip(folder):
-  from synood_jax.models import tiny
+  from synood_jax.demo import tiny_clip as tiny
   return tiny.make_tiny_clip(folder, seed=0)
 
 

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from synood_jax import finetune, parallel
+from synood_jax.train import loop, negatives, projection
+
+from synood_jax import config as config_lib
+from synood_jax import parallel
 from synood_jax.progress import Progress, format_seconds
 
 D, C, M = 16, 3, 4      # feature size, ID classes, mined negatives
@@ -28,35 +31,35 @@ def data():
   f = (3.0 * rng.normal(size=(N, D))).astype(np.float32)   # raw (unnormalised) CLIP-like embeddings
   text = rng.normal(size=(C + M, D)).astype(np.float32)
   text /= np.linalg.norm(text, axis=-1, keepdims=True)
-  y2 = finetune.stage2_labels(rng.integers(0, C, N // 2), rng.integers(0, M, N - N // 2), C)
+  y2 = projection.stage2_labels(rng.integers(0, C, N // 2), rng.integers(0, M, N - N // 2), C)
   y3 = rng.integers(0, M, N)
   return f, text, y2, y3
 
 
 def _stage2_config(**kw):
-  c = finetune.default_stage2_config()
+  c = config_lib.stage2_config()
   c.update(batch_size=B, epochs=EPOCHS, checkpoint_every=4, progress_every_secs=0.0)
   c.update(kw)
   return c
 
 
 def _stage3_config(**kw):
-  c = finetune.default_stage3_config()
+  c = config_lib.stage3_config()
   c.update(batch_size=B, epochs=EPOCHS, checkpoint_every=4, progress_every_secs=0.0, keep_epoch=1)
   c.update(kw)
   return c
 
 
 def _torch_batches(epoch, n, bs, seed):
-  perm = finetune.epoch_permutation(seed, epoch, n)
+  perm = loop.epoch_permutation(seed, epoch, n)
   return [torch.from_numpy(perm[i:i + bs]) for i in range(0, n, bs)]  # short last batch, as DataLoader
 
 
 def test_stage2_matches_torch(tmp_path, mesh, data):
   f, text, y, _ = data
   config = _stage2_config()
-  init = finetune.init_projection(D, config.seed)
-  ours = finetune.train_projection(config, f, y, text, str(tmp_path), mesh)
+  init = projection.init_projection(D, config.seed)
+  ours = projection.train_projection(config, f, y, text, str(tmp_path), mesh)
 
   torch.manual_seed(0)
   proj = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.LayerNorm(D), torch.nn.ReLU())
@@ -88,7 +91,7 @@ def test_stage2_matches_torch(tmp_path, mesh, data):
   np.testing.assert_allclose(got["1"]["bias"], proj[1].bias.detach().numpy(), atol=1e-5, rtol=0)
   # The params did move (so the comparison is not vacuous), and the per-step losses and lrs agree.
   assert np.abs(np.asarray(got["0"]["kernel"]) - np.asarray(p0["0"]["kernel"])).max() > 1e-3
-  with open(tmp_path / "stage2_projection" / "metrics.jsonl") as fh:
+  with open(tmp_path / "metrics.jsonl") as fh:
     rows = [json.loads(line) for line in fh]
   assert [r["step"] for r in rows] == list(range(1, 7))
   np.testing.assert_allclose([r["loss"] for r in rows], losses, rtol=1e-4)
@@ -97,14 +100,14 @@ def test_stage2_matches_torch(tmp_path, mesh, data):
   # apply_projection is the forward the loss used.
   with torch.no_grad():
     ref = torch.nn.functional.normalize(ft + proj(ft), dim=-1).numpy()
-  np.testing.assert_allclose(finetune.apply_projection(ours, f), ref, atol=2e-5)
+  np.testing.assert_allclose(projection.apply_projection(ours, f), ref, atol=2e-5)
 
 
 def test_stage3_matches_torch_and_keeps_epoch(tmp_path, mesh, data):
   f, text, _, y = data
   neg = text[C:]
   config = _stage3_config()
-  kept = finetune.train_negative_features(config, f, y, neg, str(tmp_path), mesh)
+  kept = negatives.train_negative_features(config, f, y, neg, str(tmp_path), mesh)
 
   e = torch.nn.Parameter(torch.from_numpy(neg.copy()))
   opt = torch.optim.SGD([e], lr=2e-2, momentum=0.9, weight_decay=1e-5)
@@ -123,7 +126,7 @@ def test_stage3_matches_torch_and_keeps_epoch(tmp_path, mesh, data):
 
   np.testing.assert_allclose(kept, per_epoch[0], atol=1e-5, rtol=0)  # keep_epoch=1: after the first epoch
   assert np.abs(per_epoch[0] - neg).max() > 1e-3
-  final = np.load(finetune.negatives_path(str(tmp_path), config, EPOCHS))
+  final = np.load(negatives.negatives_path(str(tmp_path), EPOCHS))
   np.testing.assert_allclose(final, per_epoch[1], atol=1e-5, rtol=0)
 
 
@@ -147,20 +150,20 @@ def test_losses_fall_on_separable_data(tmp_path, mesh):
   x, y = _separable(1, 64, C + M, D, 1.0)
   text = np.random.default_rng(2).normal(size=(C + M, D)).astype(np.float32)
   text /= np.linalg.norm(text, axis=-1, keepdims=True)
-  params = finetune.train_projection(_stage2_config(epochs=4, lr=1e-2, eta_min=1e-4), x, y, text,
+  params = projection.train_projection(_stage2_config(epochs=4, lr=1e-2, eta_min=1e-4), x, y, text,
                             str(tmp_path / "s2"), mesh)
-  e2 = _epoch_losses(tmp_path / "s2" / "stage2_projection" / "metrics.jsonl", 8)
+  e2 = _epoch_losses(tmp_path / "s2" / "metrics.jsonl", 8)
   assert e2[-1] < 0.2 * e2[0], e2
-  assert (np.argmax(finetune.apply_projection(params, x) @ text.T, -1) == y).mean() > 0.85
+  assert (np.argmax(projection.apply_projection(params, x) @ text.T, -1) == y).mean() > 0.85
 
   # Stage 3: text features start random; images cluster around M centers.
   x, y = _separable(3, 64, M, D, 1.0)
   neg = np.random.default_rng(4).normal(size=(M, D)).astype(np.float32)
-  out = finetune.train_negative_features(_stage3_config(epochs=4, keep_epoch=0), x, y, neg,
+  out = negatives.train_negative_features(_stage3_config(epochs=4, keep_epoch=0), x, y, neg,
                                          str(tmp_path / "s3"), mesh)
-  e3 = _epoch_losses(tmp_path / "s3" / "stage3_negatives" / "metrics.jsonl", 8)
+  e3 = _epoch_losses(tmp_path / "s3" / "metrics.jsonl", 8)
   assert e3[-1] < 0.3 * e3[0], e3
-  logits = finetune.stage3_logits(out, x)
+  logits = negatives.stage3_logits(out, x)
   assert (np.argmax(logits, -1) == y).mean() > 0.9
 
 
@@ -170,16 +173,17 @@ _SCRIPT = textwrap.dedent("""
     jax.config.update("jax_compilation_cache_dir", os.environ["SYNOOD_COMPILE_CACHE"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     import numpy as np
-    from synood_jax import finetune, parallel
+    from synood_jax.train import projection
+    from synood_jax import config as config_lib, parallel
     workdir, kill_at = sys.argv[1], int(sys.argv[2])
     d = np.load(os.path.join(workdir, "data.npz"))
-    config = finetune.default_stage2_config()
+    config = config_lib.stage2_config()
     config.update(batch_size=8, epochs=2, checkpoint_every=4, progress_every_secs=0.0)
     def on_step(step, row):
       print("step", step, flush=True)
       if step == kill_at:
         os.kill(os.getpid(), 9)
-    params = finetune.train_projection(config, d["f"], d["y"], d["text"], workdir, parallel.make_mesh(),
+    params = projection.train_projection(config, d["f"], d["y"], d["text"], workdir, parallel.make_mesh(),
                                        on_step=on_step)
     np.savez(os.path.join(workdir, "final.npz"), **{"/".join(k): v for k, v in
              [(tuple(str(getattr(p, "key", p)) for p in path), np.asarray(leaf))
@@ -189,7 +193,7 @@ _SCRIPT = textwrap.dedent("""
 
 def test_kill9_resume_matches_uninterrupted(tmp_path, mesh, data):
   f, text, y, _ = data
-  ref = finetune.train_projection(_stage2_config(), f, y, text, str(tmp_path / "ref"), mesh)
+  ref = projection.train_projection(_stage2_config(), f, y, text, str(tmp_path / "ref"), mesh)
 
   work = tmp_path / "killed"
   work.mkdir()
@@ -201,7 +205,7 @@ def test_kill9_resume_matches_uninterrupted(tmp_path, mesh, data):
                          text=True, timeout=120)
   assert first.returncode == -9, first.stderr[-3000:]
   assert not (work / "final.npz").exists()
-  ckpts = sorted(int(p) for p in os.listdir(work / "stage2_projection" / "checkpoints") if p.isdigit())
+  ckpts = sorted(int(p) for p in os.listdir(work / "checkpoints") if p.isdigit())
   assert ckpts and max(ckpts) == 4, ckpts   # step 5 was never saved: the rerun must redo it
 
   second = subprocess.run([sys.executable, str(script), str(work), "-1"], env=env, capture_output=True,
@@ -212,23 +216,23 @@ def test_kill9_resume_matches_uninterrupted(tmp_path, mesh, data):
   for path, leaf in jax.tree_util.tree_flatten_with_path(ref)[0]:
     key = "/".join(str(getattr(p, "key", p)) for p in path)
     np.testing.assert_allclose(got[key], leaf, atol=1e-6, rtol=0, err_msg=key)
-  with open(work / "stage2_projection" / "metrics.jsonl") as fh:
+  with open(work / "metrics.jsonl") as fh:
     assert [json.loads(line)["step"] for line in fh] == list(range(1, 7))
 
   # A finished run returns its final params without training again.
-  again = finetune.train_projection(_stage2_config(), f, y, text, str(work), mesh)
+  again = projection.train_projection(_stage2_config(), f, y, text, str(work), mesh)
   for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(ref)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
   # A different data set in the same workdir is refused, naming the run file.
   with pytest.raises(ValueError, match="run.json"):
-    finetune.train_projection(_stage2_config(), f[:16], y[:16], text, str(work), mesh)
+    projection.train_projection(_stage2_config(), f[:16], y[:16], text, str(work), mesh)
 
 
 def test_data_order_and_padding():
   seen = []
   for step in range(6):
-    idx, mask = finetune.batch_indices(step, num_examples=N, batch_size=B, seed=0)
+    idx, mask = loop.batch_indices(step, num_examples=N, batch_size=B, seed=0)
     seen.append(idx[mask > 0])
     assert idx.shape == (B,) and mask.sum() == (4 if step % 3 == 2 else 8)
   for epoch in range(2):
@@ -240,7 +244,7 @@ def test_data_order_and_padding():
 def test_bad_batch_size_names_field(tmp_path, mesh, data):
   f, text, y, _ = data
   with pytest.raises(ValueError, match="config.batch_size"):
-    finetune.train_projection(_stage2_config(batch_size=12), f, y, text, str(tmp_path), mesh)
+    projection.train_projection(_stage2_config(batch_size=12), f, y, text, str(tmp_path), mesh)
 
 
 def test_progress_rate_and_eta():

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from synood_jax import parallel  # noqa: E402
 from synood_jax.diffusion import inpaint, pipeline, schedulers  # noqa: E402
-from synood_jax.models import tiny, tiny_sd  # noqa: E402
+from synood_jax.demo import tiny_clip as tiny, tiny_sd  # noqa: E402
 from test_unet_vae import _perturbed  # noqa: E402  (tests/ is on sys.path)
 
 B, IMAGE, LATENT = 8, 32, 16
@@ -162,7 +162,7 @@ def test_gradient_through_sampler_and_decoder_under_remat(ours_pndm, inputs):
 
 
 def test_pipeline_folder_errors_name_what_is_missing(tmp_path):
-  from synood_jax.checkpoint_io import CheckpointError
+  from synood_jax.models.checkpoint_io import CheckpointError
   with pytest.raises(CheckpointError, match="no model_index.json"):
     pipeline.load_inpaint_pipeline(str(tmp_path))
   (tmp_path / "model_index.json").write_text("{}")

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from synood_jax import negative_labels as nl
+from synood_jax.labels import negative_labels as nl
 
 D = 24
 WORDNET = "/usr/share/wordnet"

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from synood_jax import parallel, zero_shot
-from synood_jax.models import clip, tiny
+from synood_jax import parallel
+from synood_jax.models import zero_shot
+from synood_jax.models import clip
+from synood_jax.demo import tiny_clip as tiny
 
 
 @pytest.fixture(scope="module")

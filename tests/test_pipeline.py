@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synood_jax import stages
+from synood_jax.pipeline import stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,7 +112,7 @@ def test_synthesis_killed_and_resumed_equals_clean_run(demo_run, tmp_path):
 
 def test_exported_model_reproduces_the_tuned_scores(demo_run, tmp_path):
   import shutil
-  from synood_jax import export
+  from synood_jax.pipeline import export
   workdir, _ = demo_run
   model = export.load_tuned(os.path.join(workdir, "export"))
   results = json.load(open(os.path.join(workdir, "eval", "results.json")))

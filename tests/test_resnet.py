@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from synood_jax.checkpoint_io import CheckpointError
+from synood_jax.models.checkpoint_io import CheckpointError
 from synood_jax.models import resnet
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import scipy.special as sps
 from sklearn import metrics as skm
 
-from synood_jax import metrics, scores
+from synood_jax.ood import metrics, scores
 
 
 def _unit(rng, n, d):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synood_jax import sources
+from synood_jax.synthesis import sources
 
 
 def _jpeg(path, w, h, quality, seed):

@@ -18,9 +18,13 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from synood_jax import demo_data, guidance, parallel, refinement, sources, synthesis, zero_shot  # noqa: E402
+from synood_jax.demo import images as demo_data
+from synood_jax.synthesis import guidance, refinement, sources, synthesize as synthesis
+from synood_jax import parallel
+from synood_jax.models import zero_shot  # noqa: E402
 from synood_jax.diffusion import inpaint, pipeline  # noqa: E402
-from synood_jax.models import clip, resnet, tiny, tiny_sd  # noqa: E402
+from synood_jax.models import clip, resnet
+from synood_jax.demo import tiny_clip as tiny, tiny_sd  # noqa: E402
 from test_resnet import _random_resnet, _torch_preprocess  # noqa: E402
 
 IMAGE, LATENT = 32, 16

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from synood_jax import checkpoint_io  # noqa: E402
+from synood_jax.models import checkpoint_io  # noqa: E402
 from synood_jax.models import diffusion_layers, unet, vae  # noqa: E402
 
 REL_TOL = 1e-4   # fp32: max |ours - torch| <= REL_TOL * max |torch|

@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from synood_jax.checkpoint_io import CheckpointError
+from synood_jax.models.checkpoint_io import CheckpointError
 from synood_jax.diffusion import schedulers
 from synood_jax.models import clip, unet as unet_lib, vae as vae_lib
 
@@ -44,10 +44,6 @@ class InpaintPipeline:
 
   def vae_decode(self, vae_params, latents):
     return self.vae.apply({"params": vae_params}, latents, method=self.vae.decode)
-
-  @property
-  def vae_scale(self) -> int:
-    return 2 ** (len(self.vae.cfg.block_out_channels) - 1)
 
 
 def load_inpaint_pipeline(folder: str, dtype=jnp.float32, scheduler: str | None = None):

@@ -440,7 +440,6 @@ def _dpm_step(sched, state, mo, i, x):
   small = sched.lower_order_final and state.num_inference_steps < 15
   is_last = i == n_run - 1
   lower_final = is_last & (sched.euler_at_final or small or sched.final_sigmas_type == "zero")
-  lower_second = (i == n_run - 2) & small
   s0 = state.sigmas[i]
   alpha_s0, sigma_s0 = _sigma_to_alpha_sigma(s0)
   if sched.prediction_type == "epsilon":
@@ -475,8 +474,7 @@ def _dpm_step(sched, state, mo, i, x):
   if sched.solver_order == 1:
     prev_sample = f1()
   else:
-    # solver_order 2: lower_order_second only matters for order 3, so first order or second order.
-    del lower_second
+    # solver_order 2 (lower_order_second only matters for order 3): first order or second order.
     prev_sample = jax.lax.cond((c < 1) | lower_final, f1, f2)
   return prev_sample, state.replace(counter=c + 1, history=hist)
 

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synood_jax import checkpoint_io
-from synood_jax.checkpoint_io import CheckpointError
+from synood_jax.models import checkpoint_io
+from synood_jax.models.checkpoint_io import CheckpointError
 
 Dtype = Any
 

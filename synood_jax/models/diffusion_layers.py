@@ -21,7 +21,7 @@ Dtype = Any
 def load_folder(folder: str, subfolder, build, param_shapes, dtype, rename=lambda k: k):
   """A diffusers model folder (config.json + safetensors or .bin) -> (module, params)."""
   import os
-  from synood_jax import checkpoint_io
+  from synood_jax.models import checkpoint_io
   if subfolder:
     folder = os.path.join(folder, subfolder)
   config = checkpoint_io.read_config(folder)
@@ -33,7 +33,7 @@ def load_folder(folder: str, subfolder, build, param_shapes, dtype, rename=lambd
 
 def save_folder(folder: str, config: dict, params, class_name: str, literal=frozenset()) -> None:
   """config.json + diffusion_pytorch_model.safetensors, which diffusers' from_pretrained loads."""
-  from synood_jax import checkpoint_io
+  from synood_jax.models import checkpoint_io
   checkpoint_io.write_config(folder, {**dict(config), "_class_name": class_name})
   state = checkpoint_io.params_to_state_dict(jax.device_get(params), literal=literal)
   checkpoint_io.save_state_dict(folder, state, name="diffusion_pytorch_model.safetensors")

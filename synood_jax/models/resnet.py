@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from synood_jax import checkpoint_io
-from synood_jax.checkpoint_io import CheckpointError
+from synood_jax.models import checkpoint_io
+from synood_jax.models.checkpoint_io import CheckpointError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -11,8 +11,9 @@ import os
 
 import jax
 
-from synood_jax import checkpoint_io
-from synood_jax.models import clip, tiny
+from synood_jax.models import checkpoint_io
+from synood_jax.models import clip
+from synood_jax.demo import tiny_clip as tiny
 from synood_jax.models import unet as unet_lib
 from synood_jax.models import vae as vae_lib
 from synood_jax.models.unet import TINY_UNET_CONFIG  # noqa: F401  (re-exported for tests and demo)

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from synood_jax import finetune, scores, zero_shot
+from synood_jax.train import projection
+from synood_jax.ood import scores
+from synood_jax.models import zero_shot
 from synood_jax.models import clip
 
 
@@ -34,7 +36,7 @@ class TunedModel:
   normalize_inputs: bool = False
 
   def transform(self, raw_features):
-    return finetune.apply_projection(self.projection, raw_features, self.layernorm_eps, self.normalize_inputs)
+    return projection.apply_projection(self.projection, raw_features, self.layernorm_eps, self.normalize_inputs)
 
   def score_features(self, raw_features):
     """Higher = more in-distribution, from raw CLIP image embeddings [N, D]."""

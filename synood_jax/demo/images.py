@@ -11,8 +11,6 @@ import os
 import numpy as np
 from PIL import Image
 
-PATTERNS = ("stripes", "rings", "checks", "blobs", "waves", "dots")
-
 
 def _pattern(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
   y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size

@@ -2,7 +2,7 @@
 
 Inputs: the ImageNet val folder (class subfolders), the MOS OOD subsets (iNaturalist, SUN, Places,
 Textures: folders of images), OpenOOD v1.5 image lists with their image root. Outputs, in `out_dir`:
-one `<set>.jsonl` manifest per set (`synood_jax.data.write_manifest`), `index.json` (the sets, their
+one `<set>.jsonl` manifest per set (`synood_jax.data.datasets.write_manifest`), `index.json` (the sets, their
 roles and counts) and `prepare_report.json` (every missing or unreadable file by path, every count
 mismatch). Missing or unreadable files and count mismatches raise `DataError` naming them, unless
 `allow_partial` (then bad files are left out of the manifests and the problems are logged).
@@ -16,7 +16,7 @@ from typing import Sequence
 
 from absl import logging
 
-from synood_jax import data
+from synood_jax.data import datasets as data
 
 # Expected image counts (MOS benchmark subsets as released; ImageNet-1k val).
 EXPECTED_COUNTS = {

@@ -22,7 +22,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from synood_jax import parallel, refinement, runtime
+from synood_jax import parallel, runtime
+from synood_jax.synthesis import refinement
 from synood_jax.diffusion import inpaint, schedulers
 from synood_jax.models import vae as vae_lib
 from synood_jax.progress import Progress

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from synood_jax import zero_shot
+from synood_jax.models import zero_shot
 from synood_jax.models import clip_preprocess, resnet
 
 

@@ -172,7 +172,7 @@ def mine_negative_labels(encode_text_fn: Callable[[list[str]], np.ndarray], id_c
   return NegativeLabels(labels, prompts, pos, distances)
 
 
-FORMAT = "synood_jax.negative_labels/v1"
+FORMAT = "synood_jax.labels.negative_labels/v1"
 
 
 def write_label_list(path: str, result: NegativeLabels, provenance: dict) -> None:

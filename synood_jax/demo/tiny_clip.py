@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from synood_jax import checkpoint_io
+from synood_jax.models import checkpoint_io
 from synood_jax.models import clip
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

@@ -4,7 +4,7 @@ Sources:
   * image folders: class subfolders (sorted names -> labels 0..K-1, the ImageNet val layout) or flat
     folders (every image below the root, recursively, label -1: the MOS OOD sets);
   * OpenOOD v1.5 image lists: `relpath label` per line, paths relative to an image root;
-  * JSONL manifests written by `synood_jax.prepare` (one `{"path", "label"}` object per line);
+  * JSONL manifests written by `synood_jax.data.prepare` (one `{"path", "label"}` object per line);
   * tfds datasets: array_record ones through `tfds.data_source` (no TensorFlow needed; tensorflow-datasets
     imported lazily), TFRecord ones through `tfds.load` only when TensorFlow is importable.
 

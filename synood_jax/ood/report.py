@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from synood_jax import metrics
+from synood_jax.ood import metrics
 
 PRETTY = {"inaturalist": "iNaturalist", "sun": "SUN", "places": "Places", "textures": "Textures",
           "mcm": "MCM", "neglabel": "NegLabel", "synood": "SynOOD"}
@@ -163,32 +163,4 @@ def write_image_grid(pairs: Sequence[tuple[str, str]], path: str, size: int = 96
         grid.paste(im.convert("RGB").resize((size, size), Image.BICUBIC), (i * size, row * size))
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   grid.save(path)
-  return path
-
-
-def write_run_report(workdir: str, max_pairs: int = 12) -> str:
-  """`report.md` of a whole SynOOD run: results table, source vs synthetic grid, ROC curves."""
-  import json
-  with open(os.path.join(workdir, "eval", "results.json")) as f:
-    results = json.load(f)
-  with open(os.path.join(workdir, "synthesis", "manifest.jsonl")) as f:
-    manifest = [json.loads(line) for line in f]
-  with open(os.path.join(workdir, "done", "sources.json")) as f:
-    source_root = json.load(f)["root"]
-  step = max(1, len(manifest) // max_pairs)
-  pairs = [(os.path.join(source_root, m["source"]), os.path.join(workdir, "synthesis", m["output"]))
-           for m in manifest[::step][:max_pairs]]
-  write_image_grid(pairs, os.path.join(workdir, "report_grid.png"))
-  scores = [m["scores"] for m in manifest]
-  lines = ["# SynOOD run report", "", markdown(results), "",
-           "## Synthesis", "",
-           f"{len(manifest)} synthetic images; boundary score s per refinement iteration (mean over images): "
-           + ", ".join(f"{v:.3f}" for v in np.mean(scores, axis=0)) + ".",
-           f"{sum(m['stayed_in_distribution'] for m in manifest)} flagged as still in-distribution.", "",
-           "Top row: sources; bottom row: their synthetic near-boundary OOD images.", "",
-           "![sources and synthetic images](report_grid.png)", "", "## ROC curves", ""]
-  lines += [f"![ROC {s}](eval/plots/roc_{s}.png)" for s in results["ood_sets"]]
-  path = os.path.join(workdir, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
   return path

@@ -3,8 +3,6 @@ import os
 
 import ml_collections
 
-from synood_jax import finetune
-
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -62,8 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.negatives.keep_fraction = 0.15
 
   c.pseudo = ml_collections.ConfigDict(dict(drop_flagged=True))  # drop images that stayed ID
-  c.stage2 = finetune.default_stage2_config()
-  c.stage3 = finetune.default_stage3_config()
+  c.stage2 = stage2_config()
+  c.stage3 = stage3_config()
 
   c.eval = ml_collections.ConfigDict()
   c.eval.clip_path = ""                 # filled in from models.clip_path
@@ -91,3 +89,43 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.verify = "exists"
   c.eval.plots = True
   return c
+
+
+def _training_config(**kw) -> ml_collections.ConfigDict:
+  """Fields stages 2 and 3 share (their loop is `train.loop`)."""
+  c = ml_collections.ConfigDict()
+  c.batch_size = 128           # global batch; must be a multiple of the device count
+  c.logit_scale = 100.0        # CLIP's logit_scale.exp()
+  c.weight_decay = 1e-5        # L2 added to the gradient before the optimiser (torch semantics)
+  c.seed = 0                   # data order (and stage-2 init)
+  c.checkpoint_every = 500     # steps; epoch ends are always saved as well
+  c.max_to_keep = 2
+  c.progress_every_secs = 30.0
+  c.tensorboard = False        # needs tensorboardX (the 'tensorboard' extra)
+  c.update(kw)
+  return c
+
+
+def stage2_config() -> ml_collections.ConfigDict:
+  """Stage 2 (`ind_ood_projection.py`): residual Linear-LayerNorm-ReLU projection, Adam, 3 epochs."""
+  return _training_config(
+      epochs=3,
+      lr=1e-3,
+      eta_min=1e-5,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      layernorm_eps=1e-5,
+      normalize_inputs=False,   # official: raw CLIP image embeddings go into the projection
+  )
+
+
+def stage3_config() -> ml_collections.ConfigDict:
+  """Stage 3 (`ood_label_finetuning.py`): trainable negative text features, SGD momentum, 5 epochs."""
+  return _training_config(
+      epochs=5,
+      lr=2e-2,
+      eta_min=0.0,              # torch CosineAnnealingLR default, as in the official script
+      momentum=0.9,
+      keep_epoch=1,             # features after this many epochs are returned (official: epoch_0.pth)
+  )

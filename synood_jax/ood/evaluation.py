@@ -29,7 +29,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from absl import logging
 
-from synood_jax import data, imagenet_classes, metrics, report
+from synood_jax.data import datasets as data, imagenet as imagenet_classes
+from synood_jax.ood import metrics, report
 
 ScoreFn = Callable[[np.ndarray, Mapping[str, Any]], np.ndarray]
 
@@ -107,19 +108,19 @@ def make_preprocess(clip_path: str, image_size: int) -> tuple[Callable, str]:
 
 def encode_prompts(bundle, params, prompts: Sequence[str], batch_size: int, mesh=None) -> np.ndarray:
   """L2-normalised features [N, D] of exact prompts (one template '{}', so no ensembling)."""
-  from synood_jax import zero_shot
+  from synood_jax.models import zero_shot
   return np.asarray(zero_shot.class_text_features(bundle, params, list(prompts), ["{}"], batch_size,
                                                   mesh=mesh), np.float32)
 
 
 def class_features(bundle, params, classnames, templates, batch_size: int, mesh=None) -> np.ndarray:
-  from synood_jax import zero_shot
+  from synood_jax.models import zero_shot
   return np.asarray(zero_shot.class_text_features(bundle, params, list(classnames), list(templates),
                                                   batch_size, mesh=mesh), np.float32)
 
 
 def _image_batch_features(bundle, params, images: np.ndarray, batch_size: int, mesh=None) -> np.ndarray:
-  from synood_jax import zero_shot
+  from synood_jax.models import zero_shot
   return np.asarray(zero_shot.image_features(bundle, params, images, batch_size, mesh=mesh, normalize=False),
                     np.float32)
 
@@ -217,8 +218,8 @@ def _chunked(fn: Callable[[np.ndarray], Any], x: np.ndarray, chunk: int) -> np.n
 
 def builtin_methods(names: Sequence[str], *, groups: int, temperature: float, seed: int,
                     mcm_temperature: float) -> dict[str, ScoreFn]:
-  from synood_jax import scores
-  from synood_jax.zero_shot import l2_normalize as unit
+  from synood_jax.ood import scores
+  from synood_jax.models.zero_shot import l2_normalize as unit
   table = {  # features arrive raw (as cached); the zero-shot scores take them normalised
       "mcm": lambda img, ctx: scores.mcm_score(unit(img), ctx["id_text"], temperature=mcm_temperature),
       "neglabel": lambda img, ctx: scores.neglabel_score(
@@ -233,7 +234,8 @@ def builtin_methods(names: Sequence[str], *, groups: int, temperature: float, se
 def tuned_method(*, groups: int, temperature: float, seed: int,
                  image_transform: Callable | None, negative_features: np.ndarray | None) -> ScoreFn:
   """NegLabel's score on transformed raw image features against (tuned) negative features."""
-  from synood_jax import scores, zero_shot
+  from synood_jax.ood import scores
+  from synood_jax.models import zero_shot
 
   def fn(img, ctx):
     x = zero_shot.l2_normalize(img) if image_transform is None else image_transform(img)
@@ -260,7 +262,7 @@ def compute_metrics(scores: Mapping[str, Mapping[str, np.ndarray]], id_set: str,
 
 def negative_text(config, bundle, params, classnames, id_template: str, mesh, workdir: str):
   """(features [M, D], labels, description) from config.negatives: a label list or a mining corpus."""
-  from synood_jax import negative_labels as nl
+  from synood_jax.labels import negative_labels as nl
   neg = config.negatives
   batch = int(config.text_batch_size)
   if neg.get("label_list"):

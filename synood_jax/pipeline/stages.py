@@ -21,9 +21,16 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from synood_jax import (context_prompts, data, demo_data, evaluation, export, finetune, guidance,
-                        imagenet_classes,
-                        negative_labels as nl, parallel, sources, synthesis, zero_shot)
+from synood_jax.synthesis import context_prompts, guidance, sources, synthesize as synthesis
+from synood_jax.data import datasets as data, imagenet as imagenet_classes
+from synood_jax.demo import images as demo_data
+from synood_jax.ood import evaluation
+from synood_jax.pipeline import export
+from synood_jax.pipeline.workdir import Workdir
+from synood_jax.train import negatives, projection
+from synood_jax.labels import negative_labels as nl
+from synood_jax import parallel
+from synood_jax.models import zero_shot
 
 STAGES = ("models", "data", "sources", "synthesis", "negatives", "features", "stage2", "stage3",
           "export", "evaluate", "report")
@@ -32,29 +39,24 @@ STAGES = ("models", "data", "sources", "synthesis", "negatives", "features", "st
 # ---------------------------------------------------------------------------------------------
 # Paths and shared state.
 
-def _path(workdir: str, *parts: str) -> str:
-  return os.path.join(workdir, *parts)
-
-
-def model_paths(config, workdir: str) -> tuple[str, str]:
+def model_paths(config, wd: Workdir) -> tuple[str, str]:
   """(CLIP folder, SD in-painting folder): the config's, or the tiny ones the models stage makes."""
   m = config.models
-  return (m.clip_path or _path(workdir, "models", "clip"), m.sd_path or _path(workdir, "models", "sd"))
+  return (m.clip_path or wd.demo_clip, m.sd_path or wd.demo_sd)
 
 
-def data_roots(config, workdir: str) -> dict[str, str]:
+def data_roots(config, wd: Workdir) -> dict[str, str]:
   """Source images (ID train), plus for the demo the generated held-out sets."""
   d = config.data
-  gen = _path(workdir, "data")
-  return {"train": d.train_root or _path(gen, "train"), "val": d.get("val_root") or _path(gen, "val"),
-          "ood": _path(gen, "ood")}
+  return {"train": d.train_root or wd.path("data", "train"), "val": d.get("val_root") or wd.path("data", "val"),
+          "ood": wd.path("data", "ood")}
 
 
 @dataclasses.dataclass
 class Context:
   """Lazily loaded models shared by the stages of one run."""
   config: object
-  workdir: str
+  wd: Workdir
 
   @functools.cached_property
   def mesh(self):
@@ -63,14 +65,14 @@ class Context:
   @functools.cached_property
   def clip(self):
     from synood_jax.models import clip
-    return clip.from_pretrained(model_paths(self.config, self.workdir)[0],
+    return clip.from_pretrained(model_paths(self.config, self.wd)[0],
                                 dtype=jnp.dtype(self.config.models.dtype))
 
   @functools.cached_property
   def classnames(self) -> list[str]:
     names = self.config.data.classnames
     if names == "folders":
-      return sources.class_folders(data_roots(self.config, self.workdir)["train"])
+      return sources.class_folders(data_roots(self.config, self.wd)["train"])
     return imagenet_classes.load_classnames(names)
 
   @functools.cached_property
@@ -85,32 +87,21 @@ class Context:
     """(in-painting pipeline, params sharded on the mesh incl. the classifier's, logits_fn)."""
     from synood_jax.diffusion import pipeline
     c = self.config
-    pipe, params = pipeline.load_inpaint_pipeline(model_paths(c, self.workdir)[1], dtype=jnp.dtype(c.models.dtype),
+    pipe, params = pipeline.load_inpaint_pipeline(model_paths(c, self.wd)[1], dtype=jnp.dtype(c.models.dtype),
                                                   scheduler=c.synthesis.get("scheduler") or None)
     logits_fn, params["classifier"] = _guidance(self)
     return pipe, parallel.shard_params(params, self.mesh), logits_fn
 
   def preprocess(self):
-    return evaluation.make_preprocess(model_paths(self.config, self.workdir)[0],
+    return evaluation.make_preprocess(model_paths(self.config, self.wd)[0],
                                       self.clip.config.vision.image_size)[0]
 
 
-def _done_path(workdir: str, stage: str) -> str:
-  return _path(workdir, "done", f"{stage}.json")
-
-
-def _mark_done(workdir: str, stage: str, info: dict) -> None:
-  path = _done_path(workdir, stage)
+def _mark_done(wd: Workdir, stage: str, info: dict) -> None:
+  path = wd.done(stage)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".tmp", "w") as f:
     json.dump(info, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
-
-
-def _write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
   os.replace(path + ".tmp", path)
 
 
@@ -119,8 +110,8 @@ def _write_json(path: str, obj) -> None:
 
 def stage_models(ctx: Context) -> dict:
   """The demo's tiny random models, saved in HF / diffusers format (loaded back by path later)."""
-  from synood_jax.models import tiny, tiny_sd
-  clip_path, sd_path = model_paths(ctx.config, ctx.workdir)
+  from synood_jax.demo import tiny_clip as tiny, tiny_sd
+  clip_path, sd_path = model_paths(ctx.config, ctx.wd)
   m = ctx.config.models
   made = {}
   if not m.clip_path:
@@ -135,25 +126,25 @@ def stage_data(ctx: Context) -> dict:
   g = ctx.config.data.get("generate")
   if not g:
     return {"generated": False}
-  roots = data_roots(ctx.config, ctx.workdir)
+  roots = data_roots(ctx.config, ctx.wd)
   id_classes = {name: tuple(v) for name, v in g.id_classes.items()}
   ood_classes = {name: tuple(v) for name, v in g.ood_classes.items()}
   demo_data.write_demo_images(roots["train"], id_classes, g.train_per_class, g.image_size, seed=ctx.config.seed)
   demo_data.write_demo_images(roots["val"], id_classes, g.val_per_class, g.image_size, seed=ctx.config.seed + 1)
   demo_data.write_demo_images(roots["ood"], ood_classes, g.val_per_class, g.image_size, seed=ctx.config.seed + 2)
-  words = _path(ctx.workdir, "data", "words")
+  words = ctx.wd.words
   os.makedirs(words, exist_ok=True)
   for name, items in (("nouns.txt", g.nouns), ("adjectives.txt", g.adjectives)):
-    with open(_path(words, name), "w") as f:
+    with open(os.path.join(words, name), "w") as f:
       f.write("\n".join(items) + "\n")
   return {"generated": True, "roots": roots}
 
 
 def stage_sources(ctx: Context) -> dict:
   """Per class the top-k images by JPEG bytes per pixel."""
-  root = data_roots(ctx.config, ctx.workdir)["train"]
+  root = data_roots(ctx.config, ctx.wd)["train"]
   selection = sources.select_sources(root, per_class=ctx.config.sources.per_class)
-  sources.write_source_list(_path(ctx.workdir, "sources.jsonl"), selection.records)
+  sources.write_source_list(ctx.wd.sources, selection.records)
   return {"root": root, "selected": len(selection.records),
           "skipped": [dict(path=s.path, reason=s.reason) for s in selection.skipped]}
 
@@ -189,40 +180,40 @@ def _synthesize(ctx: Context, records: list[dict], source_root: str, out_dir: st
 def stage_synthesis(ctx: Context) -> dict:
   """In-paint every source with boundary refinement; the demo also synthesizes from held-out ID
   images, so that the tuned model can be tested on synthetic images it never trained on."""
-  root = data_roots(ctx.config, ctx.workdir)
-  made = _synthesize(ctx, _records(_path(ctx.workdir, "sources.jsonl")), root["train"],
-                     _path(ctx.workdir, "synthesis"))
+  root = data_roots(ctx.config, ctx.wd)
+  made = _synthesize(ctx, _records(ctx.wd.sources), root["train"],
+                     ctx.wd.synthesis)
   info = {"images": len(made), "flagged_in_distribution": sum(m["stayed_in_distribution"] for m in made)}
   if ctx.config.data.get("generate"):
     held = sources.select_sources(root["val"], per_class=10**6).records
     info["heldout_images"] = len(_synthesize(ctx, [dataclasses.asdict(r) for r in held], root["val"],
-                                             _path(ctx.workdir, "synthesis_heldout")))
+                                             ctx.wd.synthesis_heldout))
   return info
 
 
 def stage_negatives(ctx: Context) -> dict:
   """NegLabel's negative labels: a given list, or mined from a corpus with the ID class names."""
   n = ctx.config.negatives
-  out = _path(ctx.workdir, "negative_labels.json")
+  out = ctx.wd.negative_labels
   if n.label_list:
     labels = nl.load_label_list(n.label_list)
     provenance = {"label_list": n.label_list}
   else:
-    corpus = n.corpus or ",".join(_path(ctx.workdir, "data", "words", f) for f in ("nouns.txt", "adjectives.txt"))
+    corpus = n.corpus or ",".join(os.path.join(ctx.wd.words, f) for f in ("nouns.txt", "adjectives.txt"))
     nouns, adjs = nl.read_word_lists(*corpus.split(",", 1)) if "," in corpus else nl.read_wordnet(corpus)
     encode = lambda prompts: evaluation.encode_prompts(ctx.clip, ctx.clip.params, prompts,
                                                        int(ctx.config.eval.text_batch_size), ctx.mesh)
     labels = nl.mine_negative_labels(encode, ctx.classnames, nouns, adjs, percentile=n.percentile,
                                      keep_fraction=n.keep_fraction)
     provenance = {"corpus": corpus, "nouns": len(nouns), "adjectives": len(adjs)}
-  provenance.update(model=model_paths(ctx.config, ctx.workdir)[0], percentile=n.percentile,
+  provenance.update(model=model_paths(ctx.config, ctx.wd)[0], percentile=n.percentile,
                     keep_fraction=n.keep_fraction)
   nl.write_label_list(out, labels, provenance)
   return {"labels": len(labels), "path": out}
 
 
 def _negative_text(ctx: Context) -> tuple[np.ndarray, list[str]]:
-  labels = nl.load_label_list(_path(ctx.workdir, "negative_labels.json"))
+  labels = nl.load_label_list(ctx.wd.negative_labels)
   feats = evaluation.encode_prompts(ctx.clip, ctx.clip.params, labels.prompts,
                                     int(ctx.config.eval.text_batch_size), ctx.mesh)
   return feats, list(labels.labels)
@@ -240,27 +231,27 @@ def _encode_files(ctx: Context, name: str, records: list[data.Record]) -> np.nda
 
 def stage_features(ctx: Context) -> dict:
   """Encode the training images once (the encoder is frozen) and pseudo-label the synthetic ones."""
-  root = data_roots(ctx.config, ctx.workdir)["train"]
-  src = _records(_path(ctx.workdir, "sources.jsonl"))
-  syn_dir = _path(ctx.workdir, "synthesis")
-  manifest = list(synthesis.read_manifest(_path(syn_dir, "manifest.jsonl")).values())
+  root = data_roots(ctx.config, ctx.wd)["train"]
+  src = _records(ctx.wd.sources)
+  syn_dir = ctx.wd.synthesis
+  manifest = list(synthesis.read_manifest(ctx.wd.synthesis_manifest).values())
   if ctx.config.pseudo.drop_flagged:
     manifest = [m for m in manifest if not m["stayed_in_distribution"]]
-  id_feats = _encode_files(ctx, "id_sources", [data.Record(_path(root, r["path"]), r["class_index"]) for r in src])
-  syn_feats = _encode_files(ctx, "synthetic", [data.Record(_path(syn_dir, m["output"])) for m in manifest])
+  id_feats = _encode_files(ctx, "id_sources", [data.Record(os.path.join(root, r["path"]), r["class_index"]) for r in src])
+  syn_feats = _encode_files(ctx, "synthetic", [data.Record(os.path.join(syn_dir, m["output"])) for m in manifest])
   neg_text, neg_names = _negative_text(ctx)
   mined = nl.pseudo_labels(zero_shot.l2_normalize(syn_feats), neg_text)
   distinct = np.unique(mined)
-  used = nl.write_pseudo_labels(_path(ctx.workdir, "pseudo_labels.json"), [m["output"] for m in manifest],
+  used = nl.write_pseudo_labels(ctx.wd.pseudo_labels, [m["output"] for m in manifest],
                                 mined, neg_names)
-  np.savez(_path(ctx.workdir, "features.npz"), id_features=id_feats,
+  np.savez(ctx.wd.features, id_features=id_feats,
            id_labels=np.asarray([r["class_index"] for r in src], np.int32), syn_features=syn_feats,
            syn_negative=mined.astype(np.int32), distinct=distinct.astype(np.int32))
   return {"id_images": len(src), "synthetic_images": len(manifest), "distinct_negative_labels": used}
 
 
 def _features(ctx: Context) -> dict:
-  with np.load(_path(ctx.workdir, "features.npz")) as z:
+  with np.load(ctx.wd.features) as z:
     return {k: z[k] for k in z.files}
 
 
@@ -271,10 +262,10 @@ def stage_stage2(ctx: Context) -> dict:
   position = {int(j): i for i, j in enumerate(f["distinct"])}  # mined label -> row among the distinct
   syn_rows = np.asarray([position[int(j)] for j in f["syn_negative"]], np.int32)
   text = np.concatenate([ctx.id_text, neg_text[f["distinct"]]])
-  labels = finetune.stage2_labels(f["id_labels"], syn_rows, len(ctx.classnames))
-  params = finetune.train_projection(ctx.config.stage2, np.concatenate([f["id_features"], f["syn_features"]]),
-                                     labels, text, ctx.workdir, ctx.mesh)
-  path = _path(ctx.workdir, "stage2_projection", "projection.npz")
+  labels = projection.stage2_labels(f["id_labels"], syn_rows, len(ctx.classnames))
+  params = projection.train_projection(ctx.config.stage2, np.concatenate([f["id_features"], f["syn_features"]]),
+                                     labels, text, ctx.wd.stage2, ctx.mesh)
+  path = ctx.wd.projection
   np.savez(path, **{k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()})
   return {"path": path, "examples": int(labels.size), "classes": int(text.shape[0])}
 
@@ -285,18 +276,18 @@ def stage_stage3(ctx: Context) -> dict:
   neg_text, _ = _negative_text(ctx)
   position = {int(j): i for i, j in enumerate(f["distinct"])}
   syn_rows = np.asarray([position[int(j)] for j in f["syn_negative"]], np.int32)
-  tuned = finetune.train_negative_features(ctx.config.stage3, f["syn_features"], syn_rows,
-                                           neg_text[f["distinct"]], ctx.workdir, ctx.mesh)
-  np.save(_path(ctx.workdir, "stage3_negatives", "tuned_negatives.npy"), tuned)
+  tuned = negatives.train_negative_features(ctx.config.stage3, f["syn_features"], syn_rows,
+                                           neg_text[f["distinct"]], ctx.wd.stage3, ctx.mesh)
+  np.save(ctx.wd.tuned_negatives, tuned)
   return {"tuned_rows": int(tuned.shape[0])}
 
 
 def tuned_model(ctx: Context) -> export.TunedModel:
   """The tuned model of this workdir: projection (stage 2), negatives with the tuned rows (stage 3)."""
-  with np.load(_path(ctx.workdir, "stage2_projection", "projection.npz")) as z:
+  with np.load(ctx.wd.projection) as z:
     params = traverse_util.unflatten_dict({k: jnp.asarray(z[k]) for k in z.files}, sep="/")
   neg_text, neg_names = _negative_text(ctx)
-  tuned = np.load(_path(ctx.workdir, "stage3_negatives", "tuned_negatives.npy"))
+  tuned = np.load(ctx.wd.tuned_negatives)
   negatives = neg_text.copy()
   negatives[_features(ctx)["distinct"]] = np.asarray(zero_shot.l2_normalize(tuned))
   e, s2 = ctx.config.eval, ctx.config.stage2
@@ -308,13 +299,13 @@ def tuned_model(ctx: Context) -> export.TunedModel:
 def stage_export(ctx: Context) -> dict:
   """The tuned model as a folder others can load (`export.load_tuned`)."""
   m = tuned_model(ctx)
-  labels = nl.load_label_list(_path(ctx.workdir, "negative_labels.json"))
+  labels = nl.load_label_list(ctx.wd.negative_labels)
   folder = export.export_tuned(
-      _path(ctx.workdir, "export"), m.bundle, m.projection, m.id_text, m.negatives, m.negative_labels,
+      ctx.wd.export, m.bundle, m.projection, m.id_text, m.negatives, m.negative_labels,
       labels.prompts, m.classnames,
       {"groups": m.groups, "temperature": m.temperature, "layernorm_eps": m.layernorm_eps,
        "normalize_inputs": m.normalize_inputs, "templates": ctx.config.eval.templates,
-       "clip_source": model_paths(ctx.config, ctx.workdir)[0]})
+       "clip_source": model_paths(ctx.config, ctx.wd)[0]})
   return {"folder": folder}
 
 
@@ -322,27 +313,27 @@ def stage_evaluate(ctx: Context) -> dict:
   """Zero-shot MCM / NegLabel and the tuned model (SynOOD) side by side."""
   e = ctx.config.eval.copy_and_resolve_references()
   with e.unlocked():
-    e.clip_path = model_paths(ctx.config, ctx.workdir)[0]
-    e.negatives.label_list = _path(ctx.workdir, "negative_labels.json")
+    e.clip_path = model_paths(ctx.config, ctx.wd)[0]
+    e.negatives.label_list = ctx.wd.negative_labels
     if ctx.config.data.classnames == "folders":  # the evaluation reads names from a file
-      e.classnames = _path(ctx.workdir, "classnames.txt")
+      e.classnames = ctx.wd.classnames
       with open(e.classnames, "w") as f:
         f.write("\n".join(ctx.classnames) + "\n")
     if ctx.config.data.get("generate"):
-      roots = data_roots(ctx.config, ctx.workdir)
+      roots = data_roots(ctx.config, ctx.wd)
       e.id_set = f"id_val={roots['val']}"
       e.ood_sets = (f"ood_classes={roots['ood']},"
-                    f"synthetic_heldout={_path(ctx.workdir, 'synthesis_heldout')}")
+                    f"synthetic_heldout={ctx.wd.synthesis_heldout}")
   tuned = tuned_model(ctx)
-  evaluation.evaluate(e, _path(ctx.workdir, "eval"), bundle=ctx.clip, image_transform=tuned.transform,
+  evaluation.evaluate(e, ctx.wd.eval, bundle=ctx.clip, image_transform=tuned.transform,
                       negative_features=tuned.negatives)
-  return {"results": _path(ctx.workdir, "eval", "results.json")}
+  return {"results": ctx.wd.results}
 
 
 def stage_report(ctx: Context) -> dict:
   """A Markdown report: the results table, source vs synthetic images, ROC curves."""
-  from synood_jax import report
-  return {"report": report.write_run_report(ctx.workdir)}
+  from synood_jax.pipeline import report
+  return {"report": report.write_run_report(ctx.wd)}
 
 
 STAGE_FNS: dict[str, Callable[[Context], dict]] = {
@@ -358,11 +349,12 @@ def run(config, workdir: str, stages=None) -> dict:
   unknown = [s for s in stages if s not in STAGE_FNS]
   if unknown:
     raise ValueError(f"unknown stage(s) {unknown}; the stages are {STAGES}")
-  os.makedirs(workdir, exist_ok=True)
-  ctx = Context(config, workdir)
+  wd = Workdir(workdir)
+  os.makedirs(wd.root, exist_ok=True)
+  ctx = Context(config, wd)
   infos = {}
   for name in stages:
-    done = _done_path(workdir, name)
+    done = wd.done(name)
     if os.path.exists(done):
       logging.info("stage %s: already done (%s)", name, done)
       with open(done) as f:
@@ -372,7 +364,7 @@ def run(config, workdir: str, stages=None) -> dict:
     logging.info("stage %s: starting", name)
     info = STAGE_FNS[name](ctx) or {}
     info["seconds"] = round(time.perf_counter() - start, 2)
-    _mark_done(workdir, name, info)
+    _mark_done(wd, name, info)
     logging.info("stage %s: done in %.1f s", name, info["seconds"])
     infos[name] = info
   return infos
