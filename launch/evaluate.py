@@ -15,7 +15,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   runtime.setup(config)
-  evaluation.evaluate(config, _WORKDIR.value)
+  with runtime.fail_fast():
+    evaluation.evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runtime.setup(_CONFIG.value)
-  infos = stages.run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
+  with runtime.fail_fast():
+    infos = stages.run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
   if "report" in infos:
     wd = Workdir(_WORKDIR.value)
     print(report.results_section(wd))

@@ -17,7 +17,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runtime.setup(_CONFIG.value)
-  stages.run(_CONFIG.value, _WORKDIR.value, ["models", "data", "sources", "synthesis"])
+  with runtime.fail_fast():
+    stages.run(_CONFIG.value, _WORKDIR.value, ["models", "data", "sources", "synthesis"])
 
 
 if __name__ == "__main__":

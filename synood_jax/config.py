@@ -9,6 +9,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.compile_cache_dir = os.path.expanduser("~/.cache/synood_jax/xla")  # '' turns the cache off
   c.multi_host = False                  # jax.distributed.initialize() on a pod / multi-node mesh
+  # An explicit cluster, for machines jax cannot auto-detect (Cloud TPU, Slurm, Open MPI, Kubernetes
+  # are detected). Empty ('' / -1) = auto-detect; setting coordinator_address implies multi_host.
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="",             # 'host:port' where process 0 listens
+      num_processes=-1,                   # how many processes make the job
+      process_id=-1,                      # this process: 0 .. num_processes - 1
+      initialization_timeout=300,         # seconds to wait for every process to join
+  ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
   c.models = ml_collections.ConfigDict()

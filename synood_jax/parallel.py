@@ -107,6 +107,15 @@ def global_batch(local: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map(one, local)
 
 
+def process_rows(n: int) -> slice:
+  """This process's rows of a global batch of `n` rows: the block its devices hold (a mesh lists the
+  devices process by process, as `jax.devices()` does), `n / process_count` rows each."""
+  per, rest = divmod(n, jax.process_count())
+  if rest:
+    raise ValueError(f"a global batch of {n} rows does not split over {jax.process_count()} processes")
+  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
 def pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
   """Pad rows (repeating the last) up to a multiple; returns the padded array and the true count."""
   n = x.shape[0]

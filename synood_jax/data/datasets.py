@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from absl import logging
 
+from synood_jax import fileio
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 OOD_LABEL = -1
 
@@ -163,15 +165,9 @@ def image_list(list_path: str, root: str, name: str | None = None, *, ood: bool 
 
 def write_manifest(dataset: Dataset, path: str) -> None:
   """JSONL: a first `{"_meta": {...}}` line (name, classes, origin, count), then one record per line."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    meta = {"name": dataset.name, "classes": dataset.classes, "origin": dataset.origin,
-            "count": len(dataset)}
-    f.write(json.dumps({"_meta": meta}) + "\n")
-    for r in dataset.records:
-      f.write(json.dumps({"path": r.path, "label": r.label}) + "\n")
-  os.replace(tmp, path)
+  meta = {"name": dataset.name, "classes": dataset.classes, "origin": dataset.origin, "count": len(dataset)}
+  lines = [json.dumps({"_meta": meta})] + [json.dumps({"path": r.path, "label": r.label}) for r in dataset.records]
+  fileio.atomic_write(path, "\n".join(lines) + "\n")
 
 
 def read_manifest(path: str, name: str | None = None) -> Dataset:

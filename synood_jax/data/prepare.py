@@ -10,12 +10,12 @@ mismatch). Missing or unreadable files and count mismatches raise `DataError` na
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Sequence
 
 from absl import logging
 
+from synood_jax import fileio
 from synood_jax.data import datasets as data
 
 # Expected image counts (MOS benchmark subsets as released; ImageNet-1k val).
@@ -156,8 +156,7 @@ def prepare(specs: Sequence[SetSpec], out_dir: str, *, allow_partial: bool = Fal
                          "count": len(ds), "listed": listed, "expected": expected,
                          "classes": len(ds.classes) if ds.classes else None, "origin": ds.origin,
                          "fingerprint": ds.fingerprint()}
-  with open(os.path.join(out_dir, "prepare_report.json"), "w") as f:
-    json.dump(dataclasses.asdict(report) | {"ok": report.ok}, f, indent=1)
+  fileio.write_json(os.path.join(out_dir, "prepare_report.json"), dataclasses.asdict(report) | {"ok": report.ok})
 
   if not report.ok:
     if not allow_partial:
@@ -166,6 +165,5 @@ def prepare(specs: Sequence[SetSpec], out_dir: str, *, allow_partial: bool = Fal
     logging.warning("allow_partial: going on despite:\n%s", report.problems())
   for name, (spec, ds, _, _) in datasets.items():
     data.write_manifest(ds, report.sets[name]["manifest"])
-  with open(os.path.join(out_dir, "index.json"), "w") as f:
-    json.dump({"sets": report.sets}, f, indent=1)
+  fileio.write_json(os.path.join(out_dir, "index.json"), {"sets": report.sets})
   return report

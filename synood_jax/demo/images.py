@@ -11,6 +11,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from synood_jax import fileio
+
 
 def _pattern(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
   y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -61,9 +63,7 @@ def write_demo_images(root: str, classes: dict[str, tuple[str, float]], per_clas
       quality = int(rng.integers(40, 96))
       pixels = make_image(kind, hue, size, rng)  # drawn even when the file exists: same stream on rerun
       if not os.path.exists(path):
-        tmp = path + ".tmp"
-        Image.fromarray(pixels).save(tmp, format="JPEG", quality=quality)
-        os.replace(tmp, path)
+        fileio.atomic_write(path, lambda f, p=pixels, q=quality: Image.fromarray(p).save(f, format="JPEG", quality=q))
       paths.append(path)
     out[name] = paths
   return out

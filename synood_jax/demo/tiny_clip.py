@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+from synood_jax import fileio
 from synood_jax.models import checkpoint_io
 from synood_jax.models import clip
 
@@ -39,14 +40,11 @@ def char_vocab() -> dict[str, int]:
 
 def write_char_tokenizer(folder: str, context_length: int = 77) -> str:
   """Write vocab.json, merges.txt and tokenizer_config.json that `CLIPTokenizer.from_pretrained` loads."""
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-    json.dump(char_vocab(), f, ensure_ascii=False)
-  with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
-  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": context_length,
-               "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}, f, indent=2)
+  fileio.write_json(os.path.join(folder, "vocab.json"), char_vocab(), ensure_ascii=False, indent=None)
+  fileio.write_text(os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
+  fileio.write_json(os.path.join(folder, "tokenizer_config.json"),
+                    {"tokenizer_class": "CLIPTokenizer", "model_max_length": context_length,
+                     "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}, indent=2)
   return folder
 
 

@@ -6,11 +6,11 @@ the real stabilityai/stable-diffusion-2-inpainting folder.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 
+from synood_jax import fileio
 from synood_jax.models import checkpoint_io
 from synood_jax.models import clip
 from synood_jax.demo import tiny_clip as tiny
@@ -58,6 +58,5 @@ def make_tiny_inpaint_pipeline(folder: str, seed: int = 0) -> str:
   tiny.write_char_tokenizer(os.path.join(folder, "tokenizer"))
   checkpoint_io.write_config(os.path.join(folder, "scheduler"), SD2_INPAINT_SCHEDULER,
                              name="scheduler_config.json")
-  with open(os.path.join(folder, "model_index.json"), "w") as f:
-    json.dump(MODEL_INDEX, f, indent=2)
+  fileio.write_json(os.path.join(folder, "model_index.json"), MODEL_INDEX, indent=2)
   return folder

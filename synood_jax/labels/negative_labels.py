@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synood_jax import fileio
+
 NOUN_TEMPLATE = "the nice {}"
 ADJ_TEMPLATE = "This is a {} photo"
 ID_TEMPLATE = "the nice {}"
@@ -180,8 +182,7 @@ def write_label_list(path: str, result: NegativeLabels, provenance: dict) -> Non
   counts = {t: result.pos.count(t) for t in sorted(set(result.pos))}
   rows = [dict(label=l, prompt=p, pos=t, distance=None if np.isnan(d) else float(d))
           for l, p, t, d in zip(result.labels, result.prompts, result.pos, result.distances)]
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(dict(format=FORMAT, provenance=provenance, counts=counts, labels=rows), f, indent=1)
+  fileio.write_json(path, dict(format=FORMAT, provenance=provenance, counts=counts, labels=rows))
 
 
 _NOUN_RE = re.compile(r"^the nice (.+)$")
@@ -251,9 +252,8 @@ def write_pseudo_labels(path: str, image_ids: Sequence, labels, label_names: Seq
   if labels.size and (labels.min() < 0 or labels.max() >= len(label_names)):
     raise ValueError(f"write_pseudo_labels: label index outside [0, {len(label_names)})")
   rows = [dict(image=str(i), label=int(y), name=label_names[int(y)]) for i, y in zip(image_ids, labels)]
-  with open(path, "w", encoding="utf-8") as f:
-    if path.endswith(".jsonl"):
-      f.writelines(json.dumps(r) + "\n" for r in rows)
-    else:
-      json.dump({r["image"]: dict(label=r["label"], name=r["name"]) for r in rows}, f, indent=1)
+  if path.endswith(".jsonl"):
+    fileio.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+  else:
+    fileio.write_json(path, {r["image"]: dict(label=r["label"], name=r["name"]) for r in rows})
   return int(np.unique(labels).size)

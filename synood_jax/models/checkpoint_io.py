@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from synood_jax import fileio
+
 WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors",
                 "pytorch_model.bin", "diffusion_pytorch_model.bin")
 
@@ -34,9 +36,7 @@ def read_config(folder: str, name: str = "config.json") -> dict:
 
 
 def write_config(folder: str, config: Mapping[str, Any], name: str = "config.json") -> None:
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, name), "w") as f:
-    json.dump(dict(config), f, indent=2, sort_keys=True)
+  fileio.write_json(os.path.join(folder, name), dict(config), indent=2, sort_keys=True)
 
 
 def _weight_files(folder: str) -> list[str]:
@@ -88,11 +88,10 @@ def _load_torch(path: str, safetensors: bool) -> dict[str, np.ndarray]:
 
 
 def save_state_dict(folder: str, state: Mapping[str, np.ndarray], name: str = "model.safetensors") -> str:
-  from safetensors.numpy import save_file
-  os.makedirs(folder, exist_ok=True)
+  from safetensors.numpy import save
   path = os.path.join(folder, name)
   # np.asarray(order="C"), not ascontiguousarray: the latter turns 0-d (logit_scale) into shape (1,)
-  save_file({k: np.asarray(v, order="C") for k, v in state.items()}, path, metadata={"format": "pt"})
+  fileio.atomic_write(path, save({k: np.asarray(v, order="C") for k, v in state.items()}, metadata={"format": "pt"}))
   return path
 
 

@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synood_jax import fileio
 from synood_jax.models import checkpoint_io
 from synood_jax.models.checkpoint_io import CheckpointError
 
@@ -538,7 +538,8 @@ def save_pretrained(bundle: CLIPBundle, path: str, params: Any = None) -> str:
     for name in TOKENIZER_FILES:
       src = os.path.join(bundle.folder, name)
       if os.path.isfile(src):
-        shutil.copyfile(src, os.path.join(path, name))
+        with open(src, "rb") as f:
+          fileio.atomic_write(os.path.join(path, name), f.read())
   return path
 
 

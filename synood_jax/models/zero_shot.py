@@ -38,7 +38,8 @@ def _raw_image_features(bundle, params, images):
 
 def _batched(fn, bundle, params, x: np.ndarray, batch_size: int, mesh: Mesh | None) -> np.ndarray:
   """fn over fixed-size batches (one compiled shape), the last one padded; rows sharded over `mesh`.
-  Single-host: with several processes each would get every process's rows back (not handled yet)."""
+  Every process passes the same `x`; each puts only its own rows of a batch on its devices (a global
+  batch, as synthesis builds) and gets every row's result back."""
   multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
   # Round up so every device gets equal rows; no bigger than the (rounded) input needs.
   batch_size = min(-(-batch_size // multiple), -(-len(x) // multiple) or 1) * multiple
@@ -47,7 +48,8 @@ def _batched(fn, bundle, params, x: np.ndarray, batch_size: int, mesh: Mesh | No
   out = []
   for start in range(0, len(x), batch_size):
     chunk, n = parallel.pad_batch(x[start:start + batch_size], batch_size)
-    chunk = parallel.global_batch(chunk, mesh) if mesh is not None else jnp.asarray(chunk)
+    chunk = (parallel.global_batch(chunk[parallel.process_rows(batch_size)], mesh) if mesh is not None
+             else jnp.asarray(chunk))
     out.append(parallel.to_host(fn(bundle, params, chunk))[:n])
   return np.concatenate(out) if out else np.zeros((0, bundle.config.projection_dim), np.float32)
 

@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from synood_jax import fileio
 from synood_jax.ood import metrics
 
 PRETTY = {"inaturalist": "iNaturalist", "sun": "SUN", "places": "Places", "textures": "Textures",
@@ -77,8 +78,7 @@ def markdown(results: Mapping) -> str:
 
 
 def write_markdown(results: Mapping, path: str) -> str:
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(markdown(results))
+  fileio.write_text(path, markdown(results))
   return path
 
 
@@ -111,7 +111,7 @@ def plot_roc(id_scores: Mapping[str, np.ndarray], ood_scores: Mapping[str, np.nd
   ax.set_title(title)
   ax.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fileio.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
   plt.close(fig)
   return path
 
@@ -133,7 +133,7 @@ def plot_histograms(id_scores: np.ndarray, ood_scores: Mapping[str, np.ndarray],
   ax.set_title(title)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fileio.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
   plt.close(fig)
   return path
 
@@ -162,5 +162,5 @@ def write_image_grid(pairs: Sequence[tuple[str, str]], path: str, size: int = 96
       with Image.open(p) as im:
         grid.paste(im.convert("RGB").resize((size, size), Image.BICUBIC), (i * size, row * size))
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  grid.save(path)
+  fileio.atomic_write(path, lambda f: grid.save(f, format="PNG"))
   return path

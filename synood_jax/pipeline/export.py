@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from synood_jax import fileio
 from synood_jax.train import projection
 from synood_jax.ood import scores
 from synood_jax.models import zero_shot
@@ -51,17 +52,16 @@ class TunedModel:
 
 def export_tuned(folder: str, bundle, projection: dict, id_text, negatives, negative_labels, negative_prompts,
                  classnames, info: dict) -> str:
-  os.makedirs(folder, exist_ok=True)
+  """Process 0 only (every file is shared)."""
   clip.save_pretrained(bundle, os.path.join(folder, "clip"))
-  flat = traverse_util.flatten_dict(projection, sep="/")
-  np.savez(os.path.join(folder, "projection.npz"), **{k: np.asarray(v) for k, v in flat.items()})
-  np.savez(os.path.join(folder, "negatives.npz"), features=np.asarray(negatives, np.float32),
-           labels=np.asarray(negative_labels), prompts=np.asarray(negative_prompts))
-  np.save(os.path.join(folder, "id_text.npy"), np.asarray(id_text, np.float32))
-  with open(os.path.join(folder, "classnames.txt"), "w") as f:
-    f.write("\n".join(classnames) + "\n")
-  with open(os.path.join(folder, "synood.json"), "w") as f:
-    json.dump(info, f, indent=1, sort_keys=True)
+  flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(projection, sep="/").items()}
+  fileio.atomic_write(os.path.join(folder, "projection.npz"), lambda f: np.savez(f, **flat))
+  fileio.atomic_write(os.path.join(folder, "negatives.npz"), lambda f: np.savez(
+      f, features=np.asarray(negatives, np.float32), labels=np.asarray(negative_labels),
+      prompts=np.asarray(negative_prompts)))
+  fileio.atomic_write(os.path.join(folder, "id_text.npy"), lambda f: np.save(f, np.asarray(id_text, np.float32)))
+  fileio.write_text(os.path.join(folder, "classnames.txt"), "\n".join(classnames) + "\n")
+  fileio.write_json(os.path.join(folder, "synood.json"), info, indent=1, sort_keys=True)
   return folder
 
 

@@ -6,12 +6,17 @@ models -> data -> sources -> synthesis -> negatives -> features -> stage2 -> sta
 Each stage writes into the workdir and then `done/<stage>.json`; a rerun skips finished stages, and a
 stage that was killed picks up where it stopped (synthesis by its manifest, training by its orbax
 checkpoints, evaluation by its feature cache).
+
+Several processes (a pod): every process runs every stage (the models and collectives are shared),
+each stage starts and ends with a barrier, and whether a stage is already done is process 0's reading
+of its marker, broadcast, so all processes always run the same stages. Shared files are written by
+process 0 only (`fileio`); the infos count global results (the merged synthesis manifest).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import io
 import os
 import time
 from typing import Callable
@@ -29,7 +34,7 @@ from synood_jax.pipeline import export
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax.train import negatives, projection
 from synood_jax.labels import negative_labels as nl
-from synood_jax import parallel
+from synood_jax import fileio, parallel, runtime
 from synood_jax.models import zero_shot
 
 STAGES = ("models", "data", "sources", "synthesis", "negatives", "features", "stage2", "stage3",
@@ -98,11 +103,16 @@ class Context:
 
 
 def _mark_done(wd: Workdir, stage: str, info: dict) -> None:
-  path = wd.done(stage)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(info, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  fileio.write_json(wd.done(stage), info, indent=1, sort_keys=True)
+
+
+def _save_npz(path: str, **arrays) -> None:
+  fileio.atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+  with fileio.open_file(path) as f, np.load(io.BytesIO(f.read())) as z:
+    return {k: z[k] for k in z.files}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,6 +124,8 @@ def stage_models(ctx: Context) -> dict:
   clip_path, sd_path = model_paths(ctx.config, ctx.wd)
   m = ctx.config.models
   made = {}
+  if not fileio.is_writer():  # nothing collective here: process 0 makes them, the others wait
+    return made
   if not m.clip_path:
     made["clip"] = tiny.make_tiny_clip(clip_path, seed=ctx.config.seed, **dict(m.get("tiny_clip", {})))
   if not m.sd_path:
@@ -127,16 +139,15 @@ def stage_data(ctx: Context) -> dict:
   if not g:
     return {"generated": False}
   roots = data_roots(ctx.config, ctx.wd)
+  if not fileio.is_writer():
+    return {"generated": True, "roots": roots}
   id_classes = {name: tuple(v) for name, v in g.id_classes.items()}
   ood_classes = {name: tuple(v) for name, v in g.ood_classes.items()}
   demo_data.write_demo_images(roots["train"], id_classes, g.train_per_class, g.image_size, seed=ctx.config.seed)
   demo_data.write_demo_images(roots["val"], id_classes, g.val_per_class, g.image_size, seed=ctx.config.seed + 1)
   demo_data.write_demo_images(roots["ood"], ood_classes, g.val_per_class, g.image_size, seed=ctx.config.seed + 2)
-  words = ctx.wd.words
-  os.makedirs(words, exist_ok=True)
   for name, items in (("nouns.txt", g.nouns), ("adjectives.txt", g.adjectives)):
-    with open(os.path.join(words, name), "w") as f:
-      f.write("\n".join(items) + "\n")
+    fileio.write_text(os.path.join(ctx.wd.words, name), "\n".join(items) + "\n")
   return {"generated": True, "roots": roots}
 
 
@@ -144,7 +155,8 @@ def stage_sources(ctx: Context) -> dict:
   """Per class the top-k images by JPEG bytes per pixel."""
   root = data_roots(ctx.config, ctx.wd)["train"]
   selection = sources.select_sources(root, per_class=ctx.config.sources.per_class)
-  sources.write_source_list(ctx.wd.sources, selection.records)
+  if fileio.is_writer():
+    sources.write_source_list(ctx.wd.sources, selection.records)
   return {"root": root, "selected": len(selection.records),
           "skipped": [dict(path=s.path, reason=s.reason) for s in selection.skipped]}
 
@@ -208,7 +220,8 @@ def stage_negatives(ctx: Context) -> dict:
     provenance = {"corpus": corpus, "nouns": len(nouns), "adjectives": len(adjs)}
   provenance.update(model=model_paths(ctx.config, ctx.wd)[0], percentile=n.percentile,
                     keep_fraction=n.keep_fraction)
-  nl.write_label_list(out, labels, provenance)
+  if fileio.is_writer():
+    nl.write_label_list(out, labels, provenance)
   return {"labels": len(labels), "path": out}
 
 
@@ -242,17 +255,16 @@ def stage_features(ctx: Context) -> dict:
   neg_text, neg_names = _negative_text(ctx)
   mined = nl.pseudo_labels(zero_shot.l2_normalize(syn_feats), neg_text)
   distinct = np.unique(mined)
-  used = nl.write_pseudo_labels(ctx.wd.pseudo_labels, [m["output"] for m in manifest],
-                                mined, neg_names)
-  np.savez(ctx.wd.features, id_features=id_feats,
-           id_labels=np.asarray([r["class_index"] for r in src], np.int32), syn_features=syn_feats,
-           syn_negative=mined.astype(np.int32), distinct=distinct.astype(np.int32))
-  return {"id_images": len(src), "synthetic_images": len(manifest), "distinct_negative_labels": used}
+  if fileio.is_writer():
+    nl.write_pseudo_labels(ctx.wd.pseudo_labels, [m["output"] for m in manifest], mined, neg_names)
+    _save_npz(ctx.wd.features, id_features=id_feats,
+              id_labels=np.asarray([r["class_index"] for r in src], np.int32), syn_features=syn_feats,
+              syn_negative=mined.astype(np.int32), distinct=distinct.astype(np.int32))
+  return {"id_images": len(src), "synthetic_images": len(manifest), "distinct_negative_labels": int(distinct.size)}
 
 
 def _features(ctx: Context) -> dict:
-  with np.load(ctx.wd.features) as z:
-    return {k: z[k] for k in z.files}
+  return _load_npz(ctx.wd.features)
 
 
 def stage_stage2(ctx: Context) -> dict:
@@ -266,7 +278,8 @@ def stage_stage2(ctx: Context) -> dict:
   params = projection.train_projection(ctx.config.stage2, np.concatenate([f["id_features"], f["syn_features"]]),
                                      labels, text, ctx.wd.stage2, ctx.mesh)
   path = ctx.wd.projection
-  np.savez(path, **{k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()})
+  if fileio.is_writer():
+    _save_npz(path, **{k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()})
   return {"path": path, "examples": int(labels.size), "classes": int(text.shape[0])}
 
 
@@ -278,16 +291,18 @@ def stage_stage3(ctx: Context) -> dict:
   syn_rows = np.asarray([position[int(j)] for j in f["syn_negative"]], np.int32)
   tuned = negatives.train_negative_features(ctx.config.stage3, f["syn_features"], syn_rows,
                                            neg_text[f["distinct"]], ctx.wd.stage3, ctx.mesh)
-  np.save(ctx.wd.tuned_negatives, tuned)
+  if fileio.is_writer():
+    fileio.atomic_write(ctx.wd.tuned_negatives, lambda f: np.save(f, tuned))
   return {"tuned_rows": int(tuned.shape[0])}
 
 
 def tuned_model(ctx: Context) -> export.TunedModel:
   """The tuned model of this workdir: projection (stage 2), negatives with the tuned rows (stage 3)."""
-  with np.load(ctx.wd.projection) as z:
-    params = traverse_util.unflatten_dict({k: jnp.asarray(z[k]) for k in z.files}, sep="/")
+  params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in _load_npz(ctx.wd.projection).items()},
+                                        sep="/")
   neg_text, neg_names = _negative_text(ctx)
-  tuned = np.load(ctx.wd.tuned_negatives)
+  with fileio.open_file(ctx.wd.tuned_negatives) as f:
+    tuned = np.load(io.BytesIO(f.read()))
   negatives = neg_text.copy()
   negatives[_features(ctx)["distinct"]] = np.asarray(zero_shot.l2_normalize(tuned))
   e, s2 = ctx.config.eval, ctx.config.stage2
@@ -298,7 +313,9 @@ def tuned_model(ctx: Context) -> export.TunedModel:
 
 def stage_export(ctx: Context) -> dict:
   """The tuned model as a folder others can load (`export.load_tuned`)."""
-  m = tuned_model(ctx)
+  m = tuned_model(ctx)  # every process: encoding the negatives is a collective
+  if not fileio.is_writer():
+    return {"folder": ctx.wd.export}
   labels = nl.load_label_list(ctx.wd.negative_labels)
   folder = export.export_tuned(
       ctx.wd.export, m.bundle, m.projection, m.id_text, m.negatives, m.negative_labels,
@@ -317,8 +334,9 @@ def stage_evaluate(ctx: Context) -> dict:
     e.negatives.label_list = ctx.wd.negative_labels
     if ctx.config.data.classnames == "folders":  # the evaluation reads names from a file
       e.classnames = ctx.wd.classnames
-      with open(e.classnames, "w") as f:
-        f.write("\n".join(ctx.classnames) + "\n")
+      if fileio.is_writer():
+        fileio.write_text(e.classnames, "\n".join(ctx.classnames) + "\n")
+      runtime.barrier("evaluate: class names written")
     if ctx.config.data.get("generate"):
       roots = data_roots(ctx.config, ctx.wd)
       e.id_set = f"id_val={roots['val']}"
@@ -333,6 +351,8 @@ def stage_evaluate(ctx: Context) -> dict:
 def stage_report(ctx: Context) -> dict:
   """A Markdown report: the results table, source vs synthetic images, ROC curves."""
   from synood_jax.pipeline import report
+  if not fileio.is_writer():
+    return {"report": ctx.wd.report}
   return {"report": report.write_run_report(ctx.wd)}
 
 
@@ -344,27 +364,36 @@ STAGE_FNS: dict[str, Callable[[Context], dict]] = {
 
 
 def run(config, workdir: str, stages=None) -> dict:
-  """Run `stages` (default: all) in order, skipping the finished ones. Returns each stage's info."""
+  """Run `stages` (default: all) in order, skipping the finished ones. Returns each stage's info.
+
+  On several processes every one calls this with the same arguments (the README's pod launch)."""
   stages = list(STAGES if not stages else stages)
   unknown = [s for s in stages if s not in STAGE_FNS]
   if unknown:
     raise ValueError(f"unknown stage(s) {unknown}; the stages are {STAGES}")
   wd = Workdir(workdir)
-  os.makedirs(wd.root, exist_ok=True)
+  if fileio.is_writer():
+    fileio.makedirs(wd.root)
+  runtime.check_shared_dir(wd.root)
   ctx = Context(config, wd)
-  infos = {}
-  for name in stages:
-    done = wd.done(name)
-    if os.path.exists(done):
-      logging.info("stage %s: already done (%s)", name, done)
-      with open(done) as f:
-        infos[name] = json.load(f)
-      continue
-    start = time.perf_counter()
-    logging.info("stage %s: starting", name)
-    info = STAGE_FNS[name](ctx) or {}
-    info["seconds"] = round(time.perf_counter() - start, 2)
-    _mark_done(wd, name, info)
-    logging.info("stage %s: done in %.1f s", name, info["seconds"])
-    infos[name] = info
+  infos = {name: _run_stage(ctx, name) for name in stages}
+  runtime.barrier("pipeline: finished")
   return infos
+
+
+def _run_stage(ctx: Context, name: str) -> dict:
+  """One stage between two barriers; skipped when process 0 finds its done marker."""
+  runtime.barrier(f"stage {name}: start")
+  done = ctx.wd.done(name)
+  if runtime.agreed(fileio.exists(done)):
+    logging.info("stage %s: already done (%s)", name, done)
+    return fileio.read_json(done)
+  start = time.perf_counter()
+  logging.info("stage %s: starting", name)
+  info = STAGE_FNS[name](ctx) or {}
+  info["seconds"] = round(time.perf_counter() - start, 2)
+  runtime.barrier(f"stage {name}: end")  # every process's files are in place before the marker
+  if fileio.is_writer():
+    _mark_done(ctx.wd, name, info)
+  logging.info("stage %s: done in %.1f s", name, info["seconds"])
+  return info

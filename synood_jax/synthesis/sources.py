@@ -12,10 +12,11 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Iterable, NamedTuple, Sequence
 
 from absl import logging
+
+from synood_jax import fileio
 
 DEFAULT_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
@@ -116,21 +117,8 @@ def select_sources(root: str, per_class: int = 50, extensions: Iterable[str] = D
 
 
 def write_source_list(path: str, records: Iterable[SourceRecord]) -> None:
-  """JSONL, one record per line; written to a temporary file in the same folder, then os.replace'd."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      for r in records:
-        f.write(json.dumps(dataclasses.asdict(r), sort_keys=True) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """JSONL, one record per line, replaced atomically (`fileio.atomic_write`)."""
+  fileio.atomic_write(path, "".join(json.dumps(dataclasses.asdict(r), sort_keys=True) + "\n" for r in records))
 
 
 _FIELDS = {f.name: f.type for f in dataclasses.fields(SourceRecord)}
@@ -139,7 +127,7 @@ _FIELDS = {f.name: f.type for f in dataclasses.fields(SourceRecord)}
 def read_source_list(path: str) -> list[SourceRecord]:
   """Inverse of `write_source_list`; a malformed line raises ValueError naming the file and line number."""
   out = []
-  with open(path) as f:
+  with fileio.open_file(path, "r") as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue

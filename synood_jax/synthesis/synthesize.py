@@ -6,7 +6,8 @@ Writes `<out>/<class>/<name>_ood.png` and `<out>/manifest.jsonl`. Resumable: a P
 before its manifest line, a rerun skips sources with both, and the finished manifest is rewritten in
 source order, so a run killed at any moment and rerun equals an uninterrupted one. Each image's noise
 comes from (seed, source id), never from its place in a batch, so the device count and batch
-composition do not change the result.
+composition do not change the result. Several processes share the work (`synthesize`); a run killed
+with one process count resumes with another, since the resume state is the union of every manifest.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from synood_jax import parallel, runtime
+from synood_jax import fileio, parallel, runtime
 from synood_jax.synthesis import refinement
 from synood_jax.diffusion import inpaint, schedulers
 from synood_jax.models import vae as vae_lib
@@ -114,9 +115,9 @@ def masked_image_latents(pipe, vae_params, size: int) -> jax.Array:
 def read_manifest(path: str) -> dict[str, dict]:
   """Manifest records by source path; a torn last line (killed mid-write) is dropped."""
   done = {}
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return done
-  with open(path) as f:
+  with fileio.open_file(path, "r") as f:
     for line in f:
       if not line.endswith("\n"):
         break
@@ -128,76 +129,107 @@ def read_manifest(path: str) -> dict[str, dict]:
   return done
 
 
-def _remove_stale_temp_files(out_dir: str) -> None:
-  """PNGs half-written by a killed process (`*.png.tmp<pid>`) are dropped before a rerun."""
-  for folder, _, files in os.walk(out_dir):
-    for f in files:
-      if ".png.tmp" in f:
-        os.remove(os.path.join(folder, f))
+def process_manifest(out_dir: str, process: int) -> str:
+  """The manifest a process appends to while it runs; on one process it is manifest.jsonl itself."""
+  return os.path.join(out_dir, f"manifest.{process}.jsonl")
 
 
-def _atomic_png(pixels: np.ndarray, path: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  Image.fromarray(pixels).save(tmp, format="PNG")
-  os.replace(tmp, path)
+def _process_manifests(out_dir: str) -> list[str]:
+  """Every per-process manifest in out_dir: also those of an earlier run with another process count."""
+  names = fileio.path(out_dir).glob("manifest.*.jsonl") if fileio.exists(out_dir) else []
+  return sorted(os.path.join(out_dir, p.name) for p in names)
 
 
-def _rewrite_manifest(path: str, records: dict[str, dict], order: Sequence[str]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for src in order:
-      if src in records:
-        f.write(json.dumps(records[src], sort_keys=True) + "\n")
-  os.replace(tmp, path)
+def consolidate(out_dir: str, order: Sequence[str], check_outputs: bool = False) -> dict[str, dict]:
+  """Process 0 only, while no process synthesizes: the union of manifest.jsonl and every
+  manifest.<i>.jsonl (records whose PNG exists, with `check_outputs`) is written to manifest.jsonl in
+  source order, then the per-process manifests and the temporary files killed writers left are removed.
+
+  Whatever killed which process of whichever process count, the union holds each finished image once,
+  so a rerun with any number of processes only synthesizes what is missing.
+  """
+  path = os.path.join(out_dir, "manifest.jsonl")
+  parts = _process_manifests(out_dir)
+  records = read_manifest(path)
+  for part in parts:
+    records.update(read_manifest(part))
+  if check_outputs:
+    records = {s: r for s, r in records.items() if fileio.exists(os.path.join(out_dir, r["output"]))}
+  fileio.atomic_write(path, "".join(json.dumps(records[s], sort_keys=True) + "\n" for s in order if s in records))
+  for part in parts:
+    fileio.path(part).unlink()
+  fileio.remove_temp_files(out_dir)
+  return records
+
+
+def _write_png(pixels: np.ndarray, path: str) -> None:
+  fileio.atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"), per_process=True)
 
 
 def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, source_root: str,
                sources: Sequence[dict], prompts: Sequence[str], mesh) -> list[dict]:
-  """Synthesize one image per source (with prompt) into out_dir; returns the manifest records.
+  """Synthesize one image per source (with prompt) into out_dir; returns every source's manifest record
+  (all processes', in source order).
 
   config: image_size, steps, strength, guidance_scale, seed, batch_size (global), band, and the
   refinement fields iterations, step_size, target, loss, grad_mode, reference_batch.
+
+  Every process runs this with the same sources. Process 0 first folds what earlier (maybe killed)
+  runs left into manifest.jsonl; then the sources not in it are dealt round-robin to the processes,
+  each writes its own PNGs and appends to its own manifest.<process>.jsonl, and process 0 merges them.
   """
-  os.makedirs(out_dir, exist_ok=True)
-  _remove_stale_temp_files(out_dir)
-  manifest_path = os.path.join(out_dir, f"manifest.{jax.process_index()}.jsonl"
-                               if jax.process_count() > 1 else "manifest.jsonl")
-  done = {s: r for s, r in read_manifest(manifest_path).items()
-          if os.path.exists(os.path.join(out_dir, r["output"]))}
-  if len(done) < len(read_manifest(manifest_path)):
-    _rewrite_manifest(manifest_path, done, list(done))
-  mine = [(r, p) for i, (r, p) in enumerate(zip(sources, prompts))
-          if i % jax.process_count() == jax.process_index()]
-  todo = [(r, p) for r, p in mine if r["path"] not in done]
-  logging.info("synthesis: %d sources for this process, %d done, %d to go", len(mine), len(done), len(todo))
+  nproc, me = jax.process_count(), jax.process_index()
+  order = [r["path"] for r in sources]
+  manifest_path = os.path.join(out_dir, "manifest.jsonl")
+  if fileio.is_writer():
+    consolidate(out_dir, order, check_outputs=True)
+  runtime.barrier(f"synthesis {out_dir}: resume state merged")
+  done = read_manifest(manifest_path)
+  todo = [(r, p) for r, p in zip(sources, prompts) if r["path"] not in done]
+  mine = todo[me::nproc]
+  logging.info("synthesis: %d sources, %d done, %d to go (%d for process %d)", len(sources), len(done),
+               len(todo), len(mine), me)
 
   refine_cfg = refinement.RefineConfig(
       iterations=config.iterations, step_size=config.step_size, target=config.target,
       loss=config.loss, grad_mode=config.grad_mode, reference_batch=config.get("reference_batch", 1))
   first_index = jnp.int32(inpaint.start_index(pipe.scheduler, config.steps, config.strength))
 
-  local_batch = config.batch_size // jax.process_count()
-  multiple = parallel.batch_size_multiple(mesh) // jax.process_count()
-  if local_batch % max(multiple, 1):
+  local_batch = config.batch_size // nproc
+  multiple = parallel.batch_size_multiple(mesh) // nproc
+  if config.batch_size % nproc or local_batch % max(multiple, 1):
     raise ValueError(f"synthesis.batch_size {config.batch_size} is not a multiple of the "
                      f"{parallel.batch_size_multiple(mesh)} devices")
-  n_batches = -(-len(todo) // local_batch)
-  if jax.process_count() > 1:  # every process must run the same number of collective steps
-    from jax.experimental import multihost_utils
-    n_batches = int(np.max(multihost_utils.process_allgather(np.array(n_batches))))
+  # The same on every process (each has ceil or floor of len(todo) / nproc sources): every process
+  # runs the same number of collective steps.
+  n_batches = -(-(-(-len(todo) // nproc)) // local_batch)
+  if n_batches:
+    own_manifest = manifest_path if nproc == 1 else process_manifest(out_dir, me)
+    _synthesize_batches(config, out_dir, pipe, params, logits_fn, source_root, mine, todo[0], refine_cfg,
+                        first_index, local_batch, n_batches, own_manifest, mesh)
+  runtime.barrier(f"synthesis {out_dir}: every process finished")
+  if fileio.is_writer():
+    consolidate(out_dir, order)
+  runtime.barrier(f"synthesis {out_dir}: manifest merged")
+  merged = read_manifest(manifest_path)
+  return [merged[s] for s in order if s in merged]
 
+
+def _synthesize_batches(config, out_dir: str, pipe, params: dict, logits_fn: Callable, source_root: str,
+                        mine: Sequence[tuple[dict, str]], filler: tuple[dict, str], refine_cfg, first_index,
+                        local_batch: int, n_batches: int, own_manifest: str, mesh) -> None:
+  """This process's sources, `local_batch` rows of each global batch; `filler` pads a process with
+  fewer (or no) sources left, so that it still takes part in every collective step."""
   negative_ids = jnp.asarray(pipe.tokenize([""]))
   masked = masked_image_latents(pipe, params["vae"], config.image_size)
   step_fn = jitted_batch_fn(pipe, refine_cfg, config.steps, config.get("decode_chunk") or None, logits_fn)
-  progress = Progress(total=len(mine), initial=len(mine) - len(todo), name="synthesis", unit="img",
-                      every_secs=config.get("log_every_secs", 30))
-  with open(manifest_path, "a") as manifest:
+  progress = Progress(total=len(mine), name="synthesis", unit="img", every_secs=config.get("log_every_secs", 30))
+  offset = jax.process_index() * local_batch  # this process's rows of the global batch (devices are ordered by process)
+  with fileio.open_file(own_manifest, "a") as manifest:
     for b in range(n_batches):
-      chunk = todo[b * local_batch:(b + 1) * local_batch]
+      chunk = list(mine[b * local_batch:(b + 1) * local_batch])
       n_real = len(chunk)
-      if n_real == 0:
-        chunk = mine[:1]  # an idle process still takes part in the collective with a dummy row
+      chunk = chunk or [filler]
       images = np.stack([load_source_image(os.path.join(source_root, r["path"]), config.image_size) for r, _ in chunk])
       ids = np.array([source_id(r["path"]) for r, _ in chunk], np.int32)
       prompt_ids = np.asarray(pipe.tokenize([p for _, p in chunk]))
@@ -210,29 +242,17 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
         step_fn = runtime.compile_ahead(step_fn, *args, what="synthesis: compile")
       out, scores, losses, _ = step_fn(*args)
       out, scores, losses = parallel.to_host((out, scores, losses))
-      offset = jax.process_index() * local_batch if jax.process_count() > 1 else 0
       for j in range(n_real):
         rec, prompt = chunk[j]
-        pixels = np.round(out[offset + j] * 255).astype(np.uint8)
-        s = [float(v) for v in scores[:, offset + j]]
+        row = offset + j
+        pixels = np.round(out[row] * 255).astype(np.uint8)
+        s = [float(v) for v in scores[:, row]]
         entry = {"source": rec["path"], "class_name": rec["class_name"], "class_index": rec["class_index"],
                  "output": output_relpath(rec), "prompt": prompt, "seed": int(config.seed),
-                 "source_id": int(ids[j]), "scores": s, "losses": [float(v) for v in losses[:, offset + j]],
+                 "source_id": int(ids[j]), "scores": s, "losses": [float(v) for v in losses[:, row]],
                  "in_band": abs(s[-1] - config.target) <= config.band,
                  "stayed_in_distribution": s[-1] < config.target - config.band}
-        _atomic_png(pixels, os.path.join(out_dir, entry["output"]))
+        _write_png(pixels, os.path.join(out_dir, entry["output"]))  # the PNG before its manifest line
         manifest.write(json.dumps(entry, sort_keys=True) + "\n")
         manifest.flush()
-        done[rec["path"]] = entry
         progress.update()
-  _rewrite_manifest(manifest_path, done, [r["path"] for r, _ in mine])
-  if jax.process_count() > 1:  # one manifest.jsonl in source order, as a single-host run writes
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("synthesis manifests written")
-    if jax.process_index() == 0:
-      merged = {}
-      for i in range(jax.process_count()):
-        merged.update(read_manifest(os.path.join(out_dir, f"manifest.{i}.jsonl")))
-      _rewrite_manifest(os.path.join(out_dir, "manifest.jsonl"), merged, [r["path"] for r in sources])
-    multihost_utils.sync_global_devices("synthesis manifest merged")
-  return [done[r["path"]] for r, _ in mine if r["path"] in done]

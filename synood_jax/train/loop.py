@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax.training import train_state
 
-from synood_jax import parallel
+from synood_jax import fileio, parallel
 from synood_jax.progress import Progress
 
 REPLICATE_ALL = ((".*", "replicate"),)
@@ -126,25 +126,20 @@ class _MetricWriter:
 
   def __init__(self, folder: str, start_step: int, tensorboard: bool):
     self.path = os.path.join(folder, "metrics.jsonl")
-    self.enabled = jax.process_index() == 0
+    self.enabled = fileio.is_writer()
     self._tb = None
     if not self.enabled:
       return
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        rows = [line for line in f if line.strip()]
+    if fileio.exists(self.path):
       kept = []
-      for line in rows:
+      for line in fileio.read_text(self.path).splitlines(keepends=True):
         try:
-          if json.loads(line)["step"] <= start_step:
+          if line.strip() and json.loads(line)["step"] <= start_step:
             kept.append(line)
         except (json.JSONDecodeError, KeyError):
           pass  # a line cut by a kill
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(kept)
-      os.replace(tmp, self.path)
-    self._f = open(self.path, "a", buffering=1)  # line-buffered: a killed job loses no written row
+      fileio.atomic_write(self.path, "".join(kept))
+    self._f = fileio.open_file(self.path, "a")
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # optional
@@ -156,6 +151,7 @@ class _MetricWriter:
     if not self.enabled:
       return
     self._f.write(json.dumps(row) + "\n")
+    self._f.flush()  # a killed job loses no written row
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)):
@@ -165,7 +161,8 @@ class _MetricWriter:
     """Rows on disk before a checkpoint names their step (survives a host crash, not only kill -9)."""
     if self.enabled:
       self._f.flush()
-      os.fsync(self._f.fileno())
+      if hasattr(self._f, "fileno"):  # a local file (remote ones are durable once flushed and closed)
+        os.fsync(self._f.fileno())
       if self._tb is not None:
         self._tb.flush()
 
@@ -178,17 +175,14 @@ class _MetricWriter:
 
 def _check_run_file(folder: str, run: Mapping[str, Any]) -> None:
   path = os.path.join(folder, "run.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  if fileio.exists(path):
+    old = fileio.read_json(path)
     diff = {k: (old.get(k), v) for k, v in run.items() if old.get(k) != v}
     if diff:
       raise ValueError(f"{path}: this workdir holds a run with other settings (old, new): {diff}; "
                        "use a fresh workdir or the same data and config")
-  elif jax.process_index() == 0:
-    with open(path + ".tmp", "w") as f:
-      json.dump(dict(run), f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+  elif fileio.is_writer():
+    fileio.write_json(path, dict(run), indent=2, sort_keys=True)
 
 
 def train(config, *, name: str, params, tx, loss_fn: Callable, features: np.ndarray, labels: np.ndarray,
@@ -205,7 +199,8 @@ def train(config, *, name: str, params, tx, loss_fn: Callable, features: np.ndar
     raise ValueError(f"labels: shape {labels.shape}, expected ({n},) to match features {features.shape}")
   spe = steps_per_epoch(n, bs)
   total = spe * int(config.epochs)
-  os.makedirs(folder, exist_ok=True)
+  if fileio.is_writer():
+    fileio.makedirs(folder)
   _check_run_file(folder, dict(run_info, num_examples=n, batch_size=bs, epochs=int(config.epochs),
                                seed=int(config.seed), lr=float(config.lr), eta_min=float(config.eta_min),
                                weight_decay=float(config.weight_decay),
@@ -234,7 +229,7 @@ def train(config, *, name: str, params, tx, loss_fn: Callable, features: np.ndar
                        out_shardings=(state_sh, rep), donate_argnums=(0,))
 
   manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(folder, "checkpoints")),
+      fileio.absolute(os.path.join(folder, "checkpoints")),
       options=ocp.CheckpointManagerOptions(max_to_keep=int(config.max_to_keep), create=True,
                                            cleanup_tmp_directories=True,  # a save cut by a kill
                                            enable_async_checkpointing=False))

@@ -8,13 +8,13 @@ count of completed epochs; 0 or None keeps the final ones). The loop itself is `
 """
 from __future__ import annotations
 
+import io
 import os
 
-import jax
 import numpy as np
 import optax
 
-from synood_jax import parallel
+from synood_jax import fileio, parallel, runtime
 from synood_jax.train import loop
 from synood_jax.train.loop import l2_normalize
 
@@ -68,12 +68,8 @@ def train_negative_features(config, features, labels, neg_features, folder: str,
 
   def save_features(epoch, state):
     e = parallel.to_host(state.params["negatives"])
-    if jax.process_index() == 0:
-      path = negatives_path(folder, epoch)
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path + ".tmp", "wb") as f:
-        np.save(f, e)
-      os.replace(path + ".tmp", path)
+    if fileio.is_writer():
+      fileio.atomic_write(negatives_path(folder, epoch), lambda f: np.save(f, e))
 
   state = loop.train(config, name="stage3", params={"negatives": neg}, tx=stage3_optimizer(config, spe),
                  loss_fn=loss_fn, features=features, labels=labels, consts={}, folder=folder,
@@ -82,6 +78,8 @@ def train_negative_features(config, features, labels, neg_features, folder: str,
   if not keep or keep == config.epochs:
     return parallel.to_host(state.params["negatives"])
   path = negatives_path(folder, keep)
-  if not os.path.exists(path):
+  runtime.barrier("stage3: features after each epoch saved")  # process 0 saved them
+  if not fileio.exists(path):
     raise FileNotFoundError(f"{path}: the features after epoch {keep} are missing from the workdir")
-  return np.load(path)
+  with fileio.open_file(path) as f:
+    return np.load(io.BytesIO(f.read()))
