@@ -18,6 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
       initialization_timeout=300,         # seconds to wait for every process to join
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # (regex over param paths 'unet/down_blocks_0/.../kernel', tactic): first match wins, unmatched
+  # params are replicated; tactics are named in parallel.TACTICS ('fsdp', 'replicate').
+  c.mesh.sharding_rules = ((".*", "fsdp"),)
 
   c.models = ml_collections.ConfigDict()
   c.models.clip_path = ""               # HF CLIP folder (openai/clip-vit-base-patch16); '' makes a tiny one

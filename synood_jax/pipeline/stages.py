@@ -95,7 +95,7 @@ class Context:
     pipe, params = pipeline.load_inpaint_pipeline(model_paths(c, self.wd)[1], dtype=jnp.dtype(c.models.dtype),
                                                   scheduler=c.synthesis.get("scheduler") or None)
     logits_fn, params["classifier"] = _guidance(self)
-    return pipe, parallel.shard_params(params, self.mesh), logits_fn
+    return pipe, parallel.shard_params(params, self.mesh, self.config.mesh.sharding_rules), logits_fn
 
   def preprocess(self):
     return evaluation.make_preprocess(model_paths(self.config, self.wd)[0],
@@ -235,7 +235,7 @@ def _negative_text(ctx: Context) -> tuple[np.ndarray, list[str]]:
 def _encode_files(ctx: Context, name: str, records: list[data.Record]) -> np.ndarray:
   """Raw CLIP image embeddings of files (unreadable ones are an error here: we wrote them)."""
   ds = data.Dataset(name, records)
-  f = evaluation.extract_features(ctx.clip, parallel.shard_params(ctx.clip.params, ctx.mesh), ds,
+  f = evaluation.extract_features(ctx.clip, parallel.shard_params(ctx.clip.params, ctx.mesh, ctx.config.mesh.sharding_rules), ds,
                                   ctx.preprocess(), batch_size=int(ctx.config.eval.batch_size), mesh=ctx.mesh)
   if f.failures:
     raise data.DataError(f"{name}: unreadable images {[x['path'] for x in f.failures][:5]}")
