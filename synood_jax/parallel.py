@@ -141,6 +141,16 @@ def process_rows(n: int) -> slice:
   return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
 
 
+def host_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+  """This process's rows of a global batch (the inverse of `global_batch`), as numpy; every row on a
+  single process. Resharded to the batch layout first, so each local device holds distinct rows."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  x = jax.device_put(x, batch_sharding(mesh, x.ndim))
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
 def pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
   """Pad rows (repeating the last) up to a multiple; returns the padded array and the true count."""
   n = x.shape[0]

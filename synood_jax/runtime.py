@@ -19,6 +19,7 @@ A bad cluster description ends in one error that names the config field, never i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -213,6 +214,20 @@ def agreed(value):
   from jax.experimental import multihost_utils
   out = np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
   return type(value)(out.item()) if isinstance(value, (bool, int, float)) else out
+
+
+def gather_json(obj) -> list:
+  """Every process's `obj` (anything JSON can hold), in process order: for results of uneven size,
+  such as the unreadable files each process met."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
+  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf[:raw.size] = raw
+  bufs = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  return [json.loads(bytes(b[:n]).decode("utf-8")) for b, n in zip(bufs, sizes)]
 
 
 def check_shared_dir(folder: str, field: str = "--workdir") -> None:

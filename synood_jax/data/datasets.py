@@ -81,7 +81,7 @@ class Dataset:
       if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
       return Image.fromarray(image)
-    with Image.open(record.path) as im:
+    with fileio.open_file(record.path) as f, Image.open(f) as im:  # a workdir may be gs://
       im.load()  # a truncated or corrupt file raises here, not later in a worker
     return im
 
@@ -297,7 +297,7 @@ def load_dataset(spec: str | dict, name: str | None = None) -> Dataset:
 
 def missing_files(dataset: Dataset) -> list[str]:
   """Paths of records that are not files on disk (tfds records are never missing)."""
-  return [r.path for r in dataset.records if not r.path.startswith("tfds://") and not os.path.isfile(r.path)]
+  return [r.path for r in dataset.records if not r.path.startswith("tfds://") and not fileio.exists(r.path)]
 
 
 # ------------------------------------------------------------------------------------------------

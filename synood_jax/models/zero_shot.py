@@ -64,6 +64,12 @@ def _on_mesh(params, mesh: Mesh):
   return jax.tree_util.tree_map(place, params)
 
 
+def encode_global_batch(bundle, params, images: jax.Array, mesh: Mesh, normalize: bool = True) -> jax.Array:
+  """Image features of one global batch (`parallel.global_batch`), rows sharded as they came."""
+  fn = _image_features if normalize else _raw_image_features
+  return fn(bundle, _on_mesh(params, mesh), images)
+
+
 def class_text_features(bundle, params, classnames: Sequence[str], templates: Sequence[str],
                         batch_size: int = 256, mesh: Mesh | None = None) -> np.ndarray:
   """L2-normalized [C, D] class embeddings: each template filled with the class name (`{}` or
@@ -88,4 +94,4 @@ def image_features(bundle, params, images: np.ndarray, batch_size: int = 256,
   return _batched(fn, bundle, params, np.asarray(images, np.float32), batch_size, mesh)
 
 
-__all__ = ["class_text_features", "image_features", "l2_normalize"]
+__all__ = ["class_text_features", "encode_global_batch", "image_features", "l2_normalize"]

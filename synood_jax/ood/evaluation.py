@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 import time
@@ -29,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from absl import logging
 
+from synood_jax import fileio, runtime
 from synood_jax.data import datasets as data, imagenet as imagenet_classes
 from synood_jax.ood import metrics, report
 
@@ -119,12 +121,6 @@ def class_features(bundle, params, classnames, templates, batch_size: int, mesh=
                                                   batch_size, mesh=mesh), np.float32)
 
 
-def _image_batch_features(bundle, params, images: np.ndarray, batch_size: int, mesh=None) -> np.ndarray:
-  from synood_jax.models import zero_shot
-  return np.asarray(zero_shot.image_features(bundle, params, images, batch_size, mesh=mesh, normalize=False),
-                    np.float32)
-
-
 # ------------------------------------------------------------------------------------------------
 # Feature extraction with an on-disk cache.
 
@@ -157,48 +153,100 @@ def cache_key(dataset: data.Dataset, model_fp: str, preprocess_id: str, dtype: s
 
 
 def load_cached(path: str) -> Features | None:
-  if not os.path.isfile(path):
+  if not fileio.exists(path):
     return None
-  with np.load(path, allow_pickle=False) as z:
+  with fileio.open_file(path) as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
     failures = json.loads(str(z["failures"]))
     return Features(z["features"], z["labels"], z["indices"], failures, path)
 
 
+def save_cached(path: str, out: Features, name: str) -> None:
+  """Process 0 writes the cache (all processes hold the same gathered features)."""
+  fileio.atomic_write(path, lambda f: np.savez(
+      f, features=out.features, labels=out.labels, indices=out.indices,
+      failures=np.asarray(json.dumps(out.failures)), name=np.asarray(name)))
+
+
 def extract_features(bundle, params, dataset: data.Dataset, preprocess: Callable, *, batch_size: int,
                      mesh=None, cache_path: str | None = None, num_threads: int | None = None) -> Features:
-  """Image features of every readable record, batch by batch (each padded to `batch_size` rows, so
-  one compiled shape); unreadable records are listed in `failures` (and logged), never dropped silently."""
+  """Image features of every readable record (`encode_process_slices`); unreadable records are listed
+  in `failures` (and logged), never dropped silently. With `cache_path`, read from there if process 0
+  finds it (every process then reads it: the same decision everywhere), else written there by process 0."""
+  if cache_path and runtime.agreed(fileio.exists(cache_path)):
+    logging.info("%s: features from cache %s", dataset.name, cache_path)
+    return load_cached(cache_path)
+  out = encode_process_slices(bundle, params, dataset, preprocess, batch_size=batch_size, mesh=mesh,
+                              num_threads=num_threads)
   if cache_path:
-    cached = load_cached(cache_path)
-    if cached is not None:
-      logging.info("%s: features from cache %s", dataset.name, cache_path)
-      return cached
-  loader = data.ImageLoader(dataset, batch_size, preprocess, num_threads=num_threads)
-  feats, labels, indices = [], [], []
-  start, done = time.perf_counter(), 0
-  for batch in loader:
-    images = batch["image"]
-    n = images.shape[0]
-    if n < batch_size:  # pad with the last image: same compiled shape for every batch
-      images = np.concatenate([images, np.repeat(images[-1:], batch_size - n, axis=0)])
-    f = _image_batch_features(bundle, params, images, batch_size, mesh)[:n]
-    feats.append(f)
-    labels.append(batch["label"])
-    indices.append(batch["index"])
-    done += n
-  if not feats:
-    raise data.DataError(f"{dataset.name}: no readable image among {len(dataset)} records")
-  logging.info("%s: %d images encoded in %.1f s (%d unreadable)", dataset.name, done,
-               time.perf_counter() - start, len(loader.failures))
-  out = Features(np.concatenate(feats).astype(np.float32), np.concatenate(labels), np.concatenate(indices),
-                 [{"path": f.path, "error": f.error} for f in loader.failures], cache_path or "")
-  if cache_path:
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    tmp = cache_path + ".tmp.npz"
-    np.savez(tmp, features=out.features, labels=out.labels, indices=out.indices,
-             failures=np.asarray(json.dumps(out.failures)), name=np.asarray(dataset.name))
-    os.replace(tmp, cache_path)
+    out.cache_path = cache_path
+    if fileio.is_writer():
+      save_cached(cache_path, out, dataset.name)
   return out
+
+
+def process_records(num_records: int, batch_size: int) -> np.ndarray:
+  """The record indices this process reads: its rows (`parallel.process_rows`) of every global batch
+  of `batch_size` records."""
+  from synood_jax import parallel
+  rows = parallel.process_rows(batch_size)
+  idx = (np.arange(0, num_records, batch_size)[:, None] + np.arange(rows.start, rows.stop)[None, :]).reshape(-1)
+  return idx[idx < num_records]
+
+
+def encode_process_slices(bundle, params, dataset: data.Dataset, preprocess: Callable, *, batch_size: int,
+                          mesh=None, num_threads: int | None = None) -> Features:
+  """Raw image features of a set, each process reading and encoding only its own slice.
+
+  Global batch k holds records [k B, (k + 1) B); process p loads rows [p B/P, (p + 1) B/P) of it,
+  the batch is encoded over the whole mesh, and p keeps its rows' features. Unreadable or missing
+  rows are zeros marked invalid (one compiled shape, no row depends on another). One all-gather at the
+  end gives every process all rows, in record order: the same result as one process with B rows.
+  """
+  import jax
+
+  from synood_jax import parallel
+  from synood_jax.models import zero_shot
+
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  multiple = parallel.batch_size_multiple(mesh)
+  batch_size = -(-batch_size // multiple) * multiple  # every device gets equal rows
+  local, n_batches = batch_size // jax.process_count(), -(-len(dataset) // batch_size)
+  mine = process_records(len(dataset), batch_size)
+  loader = data.ImageLoader(dataclasses.replace(dataset, records=[dataset.records[i] for i in mine]), local,
+                            preprocess, num_threads=num_threads)
+  size = bundle.config.vision.image_size
+  feats = np.zeros((n_batches, local, bundle.config.projection_dim), np.float32)
+  valid = np.zeros((n_batches, local), bool)
+  start = time.perf_counter()
+  batches = iter(loader)
+  batch = next(batches, None)
+  for k in range(n_batches):  # the loader skips batches with no readable image: match by index
+    images = np.zeros((local, size, size, 3), np.float32)
+    if batch is not None and batch["index"][0] // local == k:
+      rows = batch["index"] - k * local
+      images[rows], valid[k, rows] = batch["image"], True
+      batch = next(batches, None)
+    out = zero_shot.encode_global_batch(bundle, params, parallel.global_batch(images, mesh), mesh, normalize=False)
+    feats[k] = parallel.host_rows(out, mesh)
+  failures = [dict(index=int(mine[f.index]), path=f.path, error=f.error) for f in loader.failures]
+  feats, valid = _gather_in_record_order(feats, valid)
+  failures = sorted(sum(runtime.gather_json(failures), []), key=lambda f: f["index"])
+  indices = np.flatnonzero(valid[:len(dataset)])
+  if not indices.size:
+    raise data.DataError(f"{dataset.name}: no readable image among {len(dataset)} records")
+  logging.info("%s: %d images encoded in %.1f s over %d process(es) (%d unreadable)", dataset.name, indices.size,
+               time.perf_counter() - start, jax.process_count(), len(failures))
+  return Features(feats[indices], dataset.labels[indices], indices.astype(np.int64),
+                  [{"path": f["path"], "error": f["error"]} for f in failures])
+
+
+def _gather_in_record_order(feats: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """[n_batches, local, ...] per process -> [n_batches * B, ...] of all processes, row = record index."""
+  import jax
+  from jax.experimental import multihost_utils
+  if jax.process_count() > 1:  # [P, n_batches, local, ...] -> batch-major, then process, then row
+    feats, valid = (np.swapaxes(np.asarray(multihost_utils.process_allgather(x)), 0, 1) for x in (feats, valid))
+  return feats.reshape(-1, feats.shape[-1]), valid.reshape(-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,8 +327,9 @@ def negative_text(config, bundle, params, classnames, id_template: str, mesh, wo
         percentile=float(neg.get("percentile", 0.95)), keep_fraction=float(neg.get("keep_fraction", 0.15)),
         id_template=id_template)
     path = os.path.join(workdir, "negative_labels.json")
-    nl.write_label_list(path, labels, {"corpus": corpus, "model": config.clip_path,
-                                       "nouns": len(nouns), "adjectives": len(adjs)})
+    if fileio.is_writer():
+      nl.write_label_list(path, labels, {"corpus": corpus, "model": config.clip_path,
+                                         "nouns": len(nouns), "adjectives": len(adjs)})
     desc = f"{len(labels)} mined from `{corpus}` ({len(nouns)} nouns, {len(adjs)} adjectives), saved to {path}"
   else:
     return None, [], "none"
@@ -295,15 +344,13 @@ def evaluate(config, workdir: str, *, bundle=None, image_transform: Callable | N
              negative_features: np.ndarray | None = None,
              extra_methods: Mapping[str, ScoreFn] | None = None) -> dict:
   """Run the evaluation the config describes; write results.json / results.md / plots to workdir."""
-  import jax
   import jax.numpy as jnp
 
   from synood_jax import parallel
   from synood_jax.models import clip
 
-  if jax.process_count() > 1:
-    raise NotImplementedError("evaluate: multi-host feature extraction is not implemented (one host only)")
-  os.makedirs(workdir, exist_ok=True)
+  if fileio.is_writer():
+    fileio.makedirs(workdir)
   id_sets = parse_sets(config.id_set, config.get("data_dir", ""))
   if len(id_sets) != 1:
     raise ValueError(f"config.id_set: exactly one ID set, got {list(id_sets)}")
@@ -378,17 +425,24 @@ def evaluate(config, workdir: str, *, bundle=None, image_transform: Callable | N
       "failures": {name: f.failures for name, f in feats.items()},
       "cache": {name: f.cache_path for name, f in feats.items()},
   }
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
-  report.write_markdown(results, os.path.join(workdir, "results.md"))
-  np.savez(os.path.join(workdir, "scores.npz"),
-           **{f"{m}/{s}": v for m, by_set in all_scores.items() for s, v in by_set.items()})
-  np.savez(os.path.join(workdir, "text_features.npz"), id_text=id_text,
-           neg_text=np.zeros((0, id_text.shape[1]), np.float32) if neg_text is None else neg_text)
-  if config.get("plots", True):
-    report.write_plots(all_scores, id_name, ood_names, os.path.join(workdir, "plots"))
+  if fileio.is_writer():  # every process holds the same gathered scores; process 0 writes them
+    _write_results(workdir, results, all_scores, {"id_text": id_text, "neg_text": (
+        np.zeros((0, id_text.shape[1]), np.float32) if neg_text is None else neg_text)},
+                   bool(config.get("plots", True)))
   logging.info("results:\n%s", report.metrics_table(results, "id_positive"))
   return results
+
+
+def _write_results(workdir: str, results: dict, all_scores: Mapping, text: Mapping[str, np.ndarray],
+                   plots: bool) -> None:
+  """results.json, results.md, scores.npz, text_features.npz and the plots (process 0)."""
+  fileio.write_json(os.path.join(workdir, "results.json"), results)
+  report.write_markdown(results, os.path.join(workdir, "results.md"))
+  flat = {f"{m}/{s}": v for m, by_set in all_scores.items() for s, v in by_set.items()}
+  fileio.atomic_write(os.path.join(workdir, "scores.npz"), lambda f: np.savez(f, **flat))
+  fileio.atomic_write(os.path.join(workdir, "text_features.npz"), lambda f: np.savez(f, **text))
+  if plots:
+    report.write_plots(all_scores, results["id_set"], results["ood_sets"], os.path.join(workdir, "plots"))
 
 
 def _describe_classnames(source) -> str:

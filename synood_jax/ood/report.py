@@ -141,7 +141,6 @@ def plot_histograms(id_scores: np.ndarray, ood_scores: Mapping[str, np.ndarray],
 def write_plots(scores: Mapping[str, Mapping[str, np.ndarray]], id_set: str, ood_sets: Sequence[str],
                 out_dir: str, convention: str = "id_positive") -> list[str]:
   """scores[method][set] -> `roc_<set>.png` per OOD set and `hist_<method>.png` per method."""
-  os.makedirs(out_dir, exist_ok=True)
   paths = []
   for s in ood_sets:
     paths.append(plot_roc({m: v[id_set] for m, v in scores.items()}, {m: v[s] for m, v in scores.items()},
@@ -159,8 +158,7 @@ def write_image_grid(pairs: Sequence[tuple[str, str]], path: str, size: int = 96
   grid = Image.new("RGB", (max(n, 1) * size, 2 * size), "white")
   for i, (src, syn) in enumerate(pairs):
     for row, p in enumerate((src, syn)):
-      with Image.open(p) as im:
+      with fileio.open_file(p) as f, Image.open(f) as im:
         grid.paste(im.convert("RGB").resize((size, size), Image.BICUBIC), (i * size, row * size))
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fileio.atomic_write(path, lambda f: grid.save(f, format="PNG"))
   return path
