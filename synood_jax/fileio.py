@@ -69,6 +69,53 @@ def atomic_write(target: str | os.PathLike, data: Data, *, per_process: bool = F
   return os.fspath(target)
 
 
+class LineLog:
+  """Lines appended to a file that one process owns (a resume log: a manifest, metrics.jsonl).
+
+  On a local or mounted disk each line is appended and flushed as it comes (a kill loses at most the
+  line being written). Object stores (gs://) cannot append: there the lines are kept and the whole file
+  is replaced (`atomic_write`) at each `flush()`; the caller flushes at the points it resumes from.
+  """
+
+  def __init__(self, target: str | os.PathLike, *, per_process: bool = False):
+    if not per_process and not is_writer():
+      raise RuntimeError(f"{target}: process {process_index()} tried to append to a shared file; only "
+                         "process 0 writes shared outputs")
+    self.path, self.per_process = os.fspath(target), per_process
+    self.remote = "://" in self.path
+    if self.remote:
+      self._lines = [read_text(self.path)] if exists(self.path) else []
+    else:
+      makedirs(os.path.dirname(self.path) or ".")
+      self._file = open(self.path, "a", encoding="utf-8")
+
+  def write(self, line: str) -> None:
+    if self.remote:
+      self._lines.append(line)
+    else:
+      self._file.write(line)
+      self._file.flush()
+
+  def flush(self, durable: bool = False) -> None:
+    """Remote: replace the file with every line so far. Local: `durable` also fsyncs (survives a host
+    crash, not only a killed process)."""
+    if self.remote:
+      atomic_write(self.path, "".join(self._lines), per_process=self.per_process)
+    elif durable:
+      os.fsync(self._file.fileno())
+
+  def close(self) -> None:
+    self.flush()
+    if not self.remote:
+      self._file.close()
+
+  def __enter__(self) -> "LineLog":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
 def write_json(target: str | os.PathLike, obj: Any, *, per_process: bool = False, **dump_kw) -> str:
   dump_kw.setdefault("indent", 1)
   return atomic_write(target, json.dumps(obj, **dump_kw), per_process=per_process)
@@ -87,7 +134,7 @@ def read_text(source: str | os.PathLike) -> str:
 
 
 def open_file(source: str | os.PathLike, mode: str = "rb") -> IO:
-  """Open a workdir file for reading (local or remote); writes go through `atomic_write`."""
+  """Open a workdir file for reading (local or remote); writes go through `atomic_write` / `LineLog`."""
   return epath.Path(source).open(mode)
 
 

@@ -18,8 +18,15 @@ BATCH_AXES = ("data", "fsdp")  # the batch dimension spans every device
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'fsdp') mesh; a size of -1 takes every device the other axis leaves."""
-  devices = list(jax.devices() if devices is None else devices)
+  """A ('data', 'fsdp') mesh; a size of -1 takes every device the other axis leaves.
+
+  Devices are laid out process by process, fsdp the inner axis: each process holds one contiguous
+  block of every batch (what `global_batch` and `process_rows` rely on), and an fsdp group no larger
+  than a host's devices stays within that host.
+  """
+  if devices is None:
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  devices = list(devices)
   n = len(devices)
   if data == -1 and fsdp == -1:
     raise ValueError("mesh: at most one of data, fsdp may be -1")

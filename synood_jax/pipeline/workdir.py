@@ -14,6 +14,10 @@
   eval/                        stage `evaluate`: results.json, results.md, plots/, cache/
   report.md, report_grid.png   stage `report`
   done/<stage>.json            written last by each stage; a rerun skips the stage
+
+The root may be a local or shared disk, or an object store URL (gs://bucket/run, where a GCS filesystem
+for etils.epath is installed: gcsfs or tensorflow). Paths stay strings joined here; every read and
+write of them goes through `synood_jax.fileio`. On several processes every one must see the same root.
 """
 from __future__ import annotations
 

@@ -215,7 +215,7 @@ def _synthesize_batches(config, out_dir: str, pipe, params: dict, logits_fn: Cal
   step_fn = jitted_batch_fn(pipe, refine_cfg, config.steps, config.get("decode_chunk") or None, logits_fn)
   progress = Progress(total=len(mine), name="synthesis", unit="img", every_secs=config.get("log_every_secs", 30))
   offset = jax.process_index() * local_batch  # this process's rows of the global batch (devices are ordered by process)
-  with fileio.open_file(own_manifest, "a") as manifest:
+  with fileio.LineLog(own_manifest, per_process=jax.process_count() > 1) as manifest:
     for b in range(n_batches):
       chunk = list(mine[b * local_batch:(b + 1) * local_batch])
       n_real = len(chunk)
@@ -244,5 +244,5 @@ def _synthesize_batches(config, out_dir: str, pipe, params: dict, logits_fn: Cal
                  "stayed_in_distribution": s[-1] < config.target - config.band}
         _write_png(pixels, os.path.join(out_dir, entry["output"]))  # the PNG before its manifest line
         manifest.write(json.dumps(entry, sort_keys=True) + "\n")
-        manifest.flush()
         progress.update()
+      manifest.flush()  # on an object store: the manifest so far, once a batch

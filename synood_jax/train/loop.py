@@ -134,7 +134,7 @@ class _MetricWriter:
     if fileio.exists(self.path):
       kept = [row for row in read_jsonl(self.path, required=("step",)) if row["step"] <= start_step]
       fileio.atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in kept))
-    self._f = fileio.open_file(self.path, "a")
+    self._f = fileio.LineLog(self.path)
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # optional: pip install "synood-jax[tensorboard]"
@@ -146,8 +146,7 @@ class _MetricWriter:
   def write(self, row: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
-    self._f.write(json.dumps(row) + "\n")
-    self._f.flush()  # a killed job loses no written row
+    self._f.write(json.dumps(row) + "\n")  # a killed job loses no written row
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)):
@@ -156,9 +155,7 @@ class _MetricWriter:
   def sync(self) -> None:
     """Rows on disk before a checkpoint names their step (survives a host crash, not only kill -9)."""
     if self.enabled:
-      self._f.flush()
-      if hasattr(self._f, "fileno"):  # a local file (remote ones are durable once flushed and closed)
-        os.fsync(self._f.fileno())
+      self._f.flush(durable=True)
       if self._tb is not None:
         self._tb.flush()
 
