@@ -6,7 +6,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from synood_jax import runtime
+from synood_jax import fileio, runtime
 from synood_jax.pipeline import report, stages
 from synood_jax.pipeline.workdir import Workdir
 
@@ -21,7 +21,7 @@ def main(argv):
   runtime.setup(_CONFIG.value)
   with runtime.fail_fast():
     infos = stages.run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
-  if "report" in infos:
+  if "report" in infos and fileio.is_writer():  # the table once, in process 0's log
     wd = Workdir(_WORKDIR.value)
     print(report.results_section(wd))
     print(f"Report: {wd.report}")
