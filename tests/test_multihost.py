@@ -40,13 +40,13 @@ TINY = ["--config=configs/demo.py", "--config.data.generate.train_per_class=3",
 # Installed with PYTHONPATH in the audited processes: logs (event, path) of every file under
 # $SYNOOD_AUDIT_ROOT this process opens for writing or renames into place, or opens to read an image.
 SITECUSTOMIZE = r'''
-import os, sys
+import os, sys, threading
 _out, _root = os.environ.get("SYNOOD_AUDIT_FILE"), os.environ.get("SYNOOD_AUDIT_ROOT")
 if _out and _root:
-  _busy, _log = [False], []
+  _lock, _local, _log = threading.Lock(), threading.local(), []  # the image loader opens from threads
   _WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
   def _hook(event, args):
-    if _busy[0] or event not in ("open", "os.rename"):
+    if event not in ("open", "os.rename") or getattr(_local, "busy", False):
       return
     if event == "open":
       path, mode, flags = args
@@ -60,13 +60,14 @@ if _out and _root:
       return
     if kind == "read" and not path.lower().endswith((".png", ".jpeg", ".jpg")):
       return
-    _busy[0] = True
+    _local.busy = True  # opening the log itself must not recurse
     try:
-      if not _log:
-        _log.append(open(_out, "a", buffering=1))
-      _log[0].write(f"{kind}\t{os.path.abspath(path)}\n")
+      with _lock:
+        if not _log:
+          _log.append(open(_out, "a", buffering=1))
+        _log[0].write(f"{kind}\t{os.path.abspath(path)}\n")
     finally:
-      _busy[0] = False
+      _local.busy = False
   sys.addaudithook(_hook)
 '''
 
