@@ -43,23 +43,13 @@ def _batched(fn, bundle, params, x: np.ndarray, batch_size: int, mesh: Mesh | No
   # Round up so every device gets equal rows; no bigger than the (rounded) input needs.
   batch_size = min(-(-batch_size // multiple), -(-len(x) // multiple) or 1) * multiple
   if mesh is not None:
-    params = _on_mesh(params, mesh)
+    params = parallel.place_params(params, mesh)
   out = []
   for start in range(0, len(x), batch_size):
     chunk, n = parallel.pad_batch(x[start:start + batch_size], batch_size)
     chunk = parallel.global_batch(chunk, mesh) if mesh is not None else jnp.asarray(chunk)
     out.append(parallel.to_host(fn(bundle, params, chunk))[:n])
   return np.concatenate(out) if out else np.zeros((0, bundle.config.projection_dim), np.float32)
-
-
-def _on_mesh(params, mesh: Mesh):
-  """Params already placed on `mesh` (replicated or FSDP) stay; anything else is replicated."""
-  def place(x):
-    sharding = getattr(x, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
-      return x
-    return jax.device_put(x, parallel.replicated(mesh))
-  return jax.tree_util.tree_map(place, params)
 
 
 def class_text_features(bundle, params, classnames: Sequence[str], templates: Sequence[str],
