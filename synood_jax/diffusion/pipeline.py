@@ -69,8 +69,8 @@ class InpaintPipeline:
   def vae_decode(self, vae_params, latents):
     return self.vae.apply({"params": vae_params}, latents, method=self.vae.decode)
 
-  def __call__(self, params, prompt, image, mask_image, **kwargs):
-    return inpaint(self, params, prompt, image, mask_image, **kwargs)
+  def __call__(self, params, prompt, image, mask_image, negative_prompt=None, **kwargs):
+    return inpaint(self, params, prompt, image, mask_image, negative_prompt, **kwargs)
 
 
 def load_inpaint_pipeline(folder: str, dtype=jnp.float32, scheduler: str | None = None,
