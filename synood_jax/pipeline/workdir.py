@@ -6,8 +6,9 @@
   sources.jsonl                stage `sources`
   synthesis/                   stage `synthesis`: <class>/<name>_ood.<ext> + manifest.jsonl
   synthesis_heldout/           the demo's synthetic images from held-out ID images
-  negative_labels.json         stage `negatives`
-  pseudo_labels.json, features.npz, classnames.txt    stage `features`
+  negative_labels.json         stage `negatives`: the labels (and where they came from)
+  negative_features.npz        stage `negatives`: their text features, the run's only encoding of them
+  pseudo_labels.json, features.npz                    stage `features`
   stage2_projection/           stage `stage2`: checkpoints/, metrics.jsonl, run.json, projection.npz
   stage3_negatives/            stage `stage3`: checkpoints/, features/, tuned_negatives.npy
   export/                      stage `export`: the tuned model
@@ -71,16 +72,16 @@ class Workdir:
     return self.path("negative_labels.json")
 
   @property
+  def negative_features(self) -> str:
+    return self.path("negative_features.npz")
+
+  @property
   def pseudo_labels(self) -> str:
     return self.path("pseudo_labels.json")
 
   @property
   def features(self) -> str:
     return self.path("features.npz")
-
-  @property
-  def classnames(self) -> str:
-    return self.path("classnames.txt")
 
   @property
   def stage2(self) -> str:
