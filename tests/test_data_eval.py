@@ -245,7 +245,8 @@ def test_each_method_prompts_as_its_paper(eval_run):
   id_text, neg_text = _id_texts(workdir)
   bundle = clip.from_pretrained(config.models.clip_path)
   for method, prompt in (("mcm", "a photo of a {}"), ("neglabel", "the nice {}")):
-    want = evaluation.encode_prompts(bundle, bundle.params, [prompt.format(c) for c in ("red", "green", "blue")], 8)
+    prompts = [prompt.format(c) for c in ("red", "green", "blue")]
+    want = evaluation.encode_prompts(bundle, bundle.params, prompts, 8)
     np.testing.assert_allclose(id_text[method], want, atol=1e-6, err_msg=method)
   assert results["header"]["templates"] == {"mcm": ["a photo of a {}"], "neglabel": ["the nice {}"]}
   prompts = [line for line in (root / "neg.txt").read_text().splitlines()]
@@ -274,10 +275,12 @@ def test_evaluate_api_with_explicit_arguments(eval_run, tmp_path):
   caches = {k: os.stat(v).st_mtime_ns for k, v in results["cache"].items()}
   bundle = clip.from_pretrained(config.models.clip_path)
   classnames = ["red", "green", "blue"]
-  sets = evaluation.load_sets({"colors": str(root / "id")}, {"ood_a": str(root / "ood_a"), "ood_b": str(root / "ood_b")})
+  sets = evaluation.load_sets({"colors": str(root / "id")},
+                              {"ood_a": str(root / "ood_a"), "ood_b": str(root / "ood_b")})
   negatives = evaluation.encode_negatives(bundle, classnames, label_list=str(root / "neg.txt"), batch_size=8)
   rot = np.linalg.qr(np.random.default_rng(3).normal(size=(16, 16)))[0].astype(np.float32)
-  options = evaluation.Options(groups=2, batch_size=8, score_batch_size=32, cache_dir=os.path.join(workdir, "cache"))
+  options = evaluation.Options(groups=2, batch_size=8, score_batch_size=32,
+                               cache_dir=os.path.join(workdir, "cache"))
   again = evaluation.evaluate(str(tmp_path / "a"), sets, "colors", clip=bundle, classnames=classnames,
                               negatives=negatives, options=options,
                               methods={"rotated_max_cos": lambda x: (x @ rot).max(axis=1)})
@@ -304,7 +307,8 @@ def test_evaluate_errors_name_method_and_set(eval_run, tmp_path):
   bad = feats["ood_b"].features.copy()
   bad[2] = np.nan
   broken = {**feats, "ood_b": dataclasses.replace(feats["ood_b"], features=bad)}
-  with pytest.raises(ValueError, match=r"method 'mcm', set 'ood_b': 1 of 7 scores are not finite \(first at index 2"):
+  with pytest.raises(ValueError, match=r"method 'mcm', set 'ood_b': 1 of 7 scores are not finite \(first at "
+                                       r"index 2"):
     evaluation.evaluate(str(tmp_path), broken, "colors", id_text=id_text,
                         options=evaluation.Options(scores=("mcm",), plots=False, score_batch_size=32))
   with pytest.raises(ValueError, match="needs `negatives`"):

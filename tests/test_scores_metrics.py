@@ -246,5 +246,6 @@ def test_metrics_errors_name_the_input():
     metrics.fpr_at_tpr([1.0], [0.0], rule="nearest")
   with pytest.raises(ValueError, match="ood_scores: no scores"):
     metrics.auroc([1.0], [])
-  with pytest.raises(ValueError, match=r"method 'mcm', set 'sun': 1 of 3 scores are not finite \(first at index 1"):
+  with pytest.raises(ValueError, match=r"method 'mcm', set 'sun': 1 of 3 scores are not finite \(first at "
+                                       r"index 1"):
     metrics.check_scores([0.0, np.nan, 1.0], "method 'mcm', set 'sun'")
