@@ -10,6 +10,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.compile_cache_dir = os.path.expanduser("~/.cache/synood_jax/xla")  # '' turns the cache off
   c.multi_host = False                  # jax.distributed.initialize() on a pod / multi-node mesh
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # (regex over param paths 'unet/down_blocks_0/.../kernel', tactic): first match wins, unmatched
+  # params are replicated; tactics are named in parallel.TACTICS ('fsdp', 'replicate').
+  c.mesh.sharding_rules = ((".*", "fsdp"),)
 
   c.models = ml_collections.ConfigDict()
   c.models.clip_path = ""               # HF CLIP folder (openai/clip-vit-base-patch16); '' makes a tiny one

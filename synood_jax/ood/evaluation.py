@@ -535,7 +535,7 @@ def evaluate_config(config, workdir: str) -> dict:
     raise ValueError("config.models.clip_path is empty: the evaluation needs a CLIP folder")
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   bundle = clip_lib.from_pretrained(config.models.clip_path, dtype=jnp.dtype(config.models.dtype))
-  params = parallel.shard_params(bundle.params, mesh)
+  params = parallel.shard_params(bundle.params, mesh, config.mesh.sharding_rules)
   classnames = config.data.classnames
   if classnames == "folders":
     classnames = sets[id_name].classes

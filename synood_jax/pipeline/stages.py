@@ -99,12 +99,12 @@ class Context:
     pipe, params = pipeline.load_inpaint_pipeline(model_paths(c, self.wd)[1], dtype=jnp.dtype(c.models.dtype),
                                                   scheduler=c.synthesis.get("scheduler") or None)
     logits_fn, params["classifier"] = _guidance(self)
-    return pipe, parallel.shard_params(params, self.mesh), logits_fn
+    return pipe, parallel.shard_params(params, self.mesh, self.config.mesh.sharding_rules), logits_fn
 
   @functools.cached_property
   def clip_params(self):
     """CLIP's params placed on the mesh by the sharding rules."""
-    return parallel.shard_params(self.clip.params, self.mesh)
+    return parallel.shard_params(self.clip.params, self.mesh, self.config.mesh.sharding_rules)
 
 
 def _mark_done(wd: Workdir, stage: str, info: dict) -> None:
