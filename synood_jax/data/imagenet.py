@@ -23,7 +23,7 @@ IMAGENET_TEMPLATES: tuple[str, ...] = _data_lines("imagenet_templates.txt")
 # Prompt templates by name (the config's `templates` field takes a name or a list of templates).
 TEMPLATES = {
     "neglabel": ("the nice {}",),   # NegLabel / SynOOD: ID classes and nouns
-    "mcm": ("a photo of a {}.",),   # MCM
+    "mcm": ("a photo of a {}",),    # MCM (no period: MCM's `prompt_name`)
     "clip80": IMAGENET_TEMPLATES,   # CLIP's 80-template ensemble
 }
 

@@ -3,7 +3,8 @@
 Results follow the layout `evaluation.evaluate` writes to results.json:
   results["methods"][method][convention][ood_set] = {fpr95, auroc, aupr_in, aupr_out}   (fractions)
   results["methods"][method][convention]["average"] = the same keys, mean over the OOD sets
-  results["ood_sets"] = ordered OOD set names; results["header"] = what produced the numbers.
+  results["ood_sets"] = ordered OOD set names; results["header"] = what produced the numbers (each
+  method's prompt templates, the FPR95 operating-point rule of each convention, ...).
 Tables print percentages with two decimals, as the papers do.
 """
 from __future__ import annotations
@@ -21,6 +22,14 @@ CONVENTION_TEXT = {
     "id_positive": "ID positive (MOS / MCM / NegLabel): FPR95 = share of OOD accepted at 95% ID recall",
     "ood_positive": "OOD positive (OpenOOD v1.5): FPR95 = share of ID rejected at 95% OOD recall",
 }
+
+
+def convention_heading(convention: str, rule: str | None) -> list[str]:
+  """The table's heading lines: the convention, and the operating-point rule its FPR95 used."""
+  lines = [f"## {CONVENTION_TEXT.get(convention, convention)}", ""]
+  if rule is not None:
+    lines += [f"FPR95 operating point '{rule}': {metrics.RULE_TEXT.get(rule, rule)}.", ""]
+  return lines
 
 
 def pretty(name: str) -> str:
@@ -55,7 +64,12 @@ def markdown(results: Mapping) -> str:
   out.append(f"- ID set: `{h.get('id_set', '?')}` ({h.get('id_count', '?')} images); "
              f"OOD sets: {', '.join(f'`{s}` ({n})' for s, n in h.get('ood_counts', {}).items())}")
   out.append(f"- Class names: {h.get('classnames', '?')} ({h.get('num_classes', '?')} classes)")
-  out.append(f"- Prompt templates: {', '.join(repr(t) for t in h.get('templates', []))}")
+  templates = h.get("templates", [])
+  if isinstance(templates, dict):  # each method's own ID prompts
+    out.append("- Prompt templates: " + "; ".join(
+        f"{pretty(m)} {', '.join(repr(t) for t in ts)}" for m, ts in templates.items()))
+  else:
+    out.append(f"- Prompt templates: {', '.join(repr(t) for t in templates)}")
   if h.get("negatives"):
     out.append(f"- Negative labels: {h['negatives']}")
   if h.get("groups") is not None:
@@ -63,16 +77,20 @@ def markdown(results: Mapping) -> str:
                f"seed {h.get('seed')}; MCM temperature {h.get('mcm_temperature')}")
   if h.get("preprocess"):
     out.append(f"- Preprocessing: {h['preprocess']}")
-  if results.get("id_accuracy") is not None:
-    out.append(f"- Zero-shot ID top-1 accuracy: {_pct(results['id_accuracy'])}%")
+  accuracy = {m: a for m, a in (results.get("id_accuracy") or {}).items() if a is not None}
+  if accuracy:
+    out.append("- Zero-shot ID top-1 accuracy: " + ", ".join(
+        f"{_pct(a)}% with {pretty(m)}'s prompts" for m, a in accuracy.items()))
   failures = results.get("failures", {})
   n_fail = sum(len(v) for v in failures.values())
   out.append(f"- Unreadable images left out: {n_fail}" + (" (listed in results.json)" if n_fail else ""))
   out.append("")
-  for convention in results.get("conventions", list(metrics.CONVENTIONS)):
-    out += [f"## {CONVENTION_TEXT.get(convention, convention)}", "", metrics_table(results, convention), ""]
-  out += ["AUPR (ID positive convention):", "",
-          metrics_table(results, "id_positive", ("aupr_in", "aupr_out")), ""]
+  rules = h.get("fpr95_rules", {})
+  conventions = results.get("conventions", list(metrics.CONVENTIONS))
+  for convention in conventions:
+    out += convention_heading(convention, rules.get(convention)) + [metrics_table(results, convention), ""]
+  out += ["AUPR (average precision; the same in both conventions):", "",
+          metrics_table(results, conventions[0], ("aupr_in", "aupr_out")), ""]
   return "\n".join(out)
 
 
