@@ -249,3 +249,7 @@ def inpaint(pipe: InpaintPipeline, params, prompt: str | Sequence[str], image, m
   if out.shape[0] != b and jax.process_count() == 1:
     out, z0 = out[:b], z0[:b]
   return (out, z0) if return_latents else out
+
+
+# The package exports the call under this name (`synood_jax.diffusion.inpaint` is the sampler module).
+inpaint_images = inpaint
