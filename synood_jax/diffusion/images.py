@@ -9,8 +9,6 @@ already have that size. Outputs go back to PIL with `to_pil` (round(255 x), diff
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 from PIL import Image
 

@@ -46,7 +46,7 @@ class InpaintPipeline:
   scaling_factor: float
   folder: str
   sample_size: int = 64  # the UNet's config sample_size: default image side = sample_size * vae_scale
-  _programs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+  _programs: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
   def __hash__(self):
     return id(self)
