@@ -105,6 +105,20 @@ def load_inpaint_pipeline(folder: str, dtype=jnp.float32, scheduler: str | None 
 # ---------------------------------------------------------------------------------------------------
 # The one call.
 
+def _start_latents(scheduler, num_inference_steps: int, first_index, strength_max: bool, given,
+                   image_latents, shape, key):
+  """diffusers' prepare_latents -> (z_T, noise): `given` latents as they are (they are the noise too),
+  else noise ~ N(0, I) at strength 1, else add_noise(image latents, noise, t_start)."""
+  if given is not None:
+    given = given.astype(jnp.float32)
+    return given, given
+  noise = jax.random.normal(key, shape, jnp.float32)
+  if strength_max:
+    return noise, noise
+  t0 = jnp.asarray(sampler.timestep_table(scheduler, num_inference_steps))[first_index]
+  return schedulers.add_noise(scheduler, image_latents, noise, jnp.full((shape[0],), t0)), noise
+
+
 def _program(pipe: InpaintPipeline, params, batch, first_index, guidance_scale, seed, *, scheduler,
              num_inference_steps: int, cfg: bool, strength_max: bool, sample_posterior: bool):
   """The jitted body. batch: ids, negative_ids (cfg only), image [B,H,W,3] in [-1,1], mask [B,H,W,1],
@@ -121,24 +135,16 @@ def _program(pipe: InpaintPipeline, params, batch, first_index, guidance_scale, 
   cond = pipe.text_hidden(params["text"], batch["ids"])
   uncond = pipe.text_hidden(params["text"], batch["negative_ids"]) if cfg else None
   f = pipe.vae_scale_factor
-  latent_hw = (image.shape[1] // f, image.shape[2] // f)
-  mask_latent = diffusion_layers.nearest_resize(mask, latent_hw)  # torch F.interpolate, mode "nearest"
+  shape = (image.shape[0], image.shape[1] // f, image.shape[2] // f, pipe.vae.cfg.latent_channels)
+  mask_latent = diffusion_layers.nearest_resize(mask, shape[1:3])  # torch F.interpolate, mode "nearest"
   masked = batch.get("masked_image_latents")
   if masked is None:
     masked = encode(image * (mask < 0.5), k_masked)
-  four = pipe.unet.cfg.in_channels == 4
-  latents = batch.get("latents")
-  image_latents = None
-  if four or (latents is None and not strength_max):
-    image_latents = encode(image, k_image)
-  if latents is None:
-    shape = (image.shape[0],) + latent_hw + (pipe.vae.cfg.latent_channels,)
-    noise = jax.random.normal(k_noise, shape, jnp.float32)
-    t0 = jnp.asarray(sampler.timestep_table(scheduler, num_inference_steps))[first_index]
-    latents = noise if strength_max else schedulers.add_noise(
-        scheduler, image_latents, noise, jnp.full((shape[0],), t0))
-  else:
-    noise = latents = latents.astype(jnp.float32)
+  four = pipe.unet.cfg.in_channels == 4  # blends the kept region back: needs the image latents
+  given = batch.get("latents")
+  image_latents = encode(image, k_image) if four or (given is None and not strength_max) else None
+  latents, noise = _start_latents(scheduler, num_inference_steps, first_index, strength_max, given,
+                                  image_latents, shape, k_noise)
   z0 = sampler.sample_latents(pipe.unet, scheduler, params["unet"], latents, cond, uncond, mask_latent,
                               masked, guidance_scale, num_inference_steps, first_index,
                               image_latents=image_latents if four else None, noise=noise if four else None)
