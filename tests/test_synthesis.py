@@ -275,7 +275,7 @@ def test_exact_vs_skip_gradient(world, runs):
     rcfg = refinement.RefineConfig(iterations=cfg.iterations, step_size=cfg.step_size, target=cfg.target,
                                    loss=cfg.loss, grad_mode=mode)
     fn = jax.jit(functools.partial(synthesis.synthesize_batch, pipe, rcfg, cfg.steps, None, world["logits_fn"]))
-    _, scores, losses, eps = fn(*args)
+    _, scores, losses, eps, _ = fn(*args)
     out[mode] = dict(update=(eps0 - np.asarray(eps)) / cfg.step_size, scores=np.asarray(scores),
                      losses=np.asarray(losses))
   skip, exact = out["skip"]["update"], out["exact"]["update"]

@@ -99,11 +99,27 @@ def _walk_images(root: str) -> list[str]:
   return out
 
 
-def image_folder(root: str, name: str | None = None, *, flat: bool | None = None) -> Dataset:
-  """Class subfolders (labels = sorted folder index) or, with `flat` (or no subfolder), OOD images.
+def flat_folder_message(root: str, what: str) -> str:
+  """Why a folder without class subfolders cannot be a labelled (ID) set, and how to lay it out."""
+  try:
+    n = sum(1 for f in os.listdir(root) if _is_image(f))
+  except OSError:
+    n = 0
+  found = f" ({n} images lie directly in it)" if n else ""
+  return (f"{root}: {what}{found}. A labelled image set needs one subfolder per class: <root>/<wnid>/<image>. "
+          "ImageNet val as extracted from ILSVRC2012_img_val.tar is one flat folder; sort it into wnid folders "
+          f"with: python launch/prepare_data.py --sort_val={root} --val_labels=LOC_val_solution.csv (or a file "
+          "with one wnid per line, in file-name order)")
+
+
+def image_folder(root: str, name: str | None = None, *, flat: bool | None = None,
+                 class_index: dict[str, int] | None = None) -> Dataset:
+  """Class subfolders or, with `flat` (or no subfolder), OOD images.
 
   `flat=None` decides by layout: images directly in `root` and no subfolder -> flat; subfolders ->
-  one class each. A flat folder takes every image below `root` (recursively), all labelled -1.
+  one class each, labelled by `class_index` (folder -> index, e.g. `imagenet.class_index(...).index`)
+  or else by sorted folder position. A flat folder takes every image below `root` (recursively), all
+  labelled -1; `flat=False` on a folder without subfolders says how to lay it out.
   """
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
@@ -112,13 +128,19 @@ def image_folder(root: str, name: str | None = None, *, flat: bool | None = None
   subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
   if flat is None:
     flat = not subdirs
+  elif not flat and not subdirs:
+    raise DataError(flat_folder_message(root, "no class subfolders"))
   if flat:
     records = [Record(p, OOD_LABEL) for p in _walk_images(root)]
     classes = None
   else:
     records, classes = [], subdirs
-    for label, d in enumerate(subdirs):
-      records.extend(Record(p, label) for p in _walk_images(os.path.join(root, d)))
+    index = class_index if class_index is not None else {d: i for i, d in enumerate(subdirs)}
+    unknown = [d for d in subdirs if d not in index]
+    if unknown:
+      raise DataError(f"image folder {root}: subfolder(s) {unknown[:10]} have no class index")
+    for d in subdirs:
+      records.extend(Record(p, index[d]) for p in _walk_images(os.path.join(root, d)))
   if not records:
     raise DataError(f"image folder {root}: no images ({', '.join(IMAGE_EXTENSIONS)})")
   return Dataset(name, records, classes, origin=root)

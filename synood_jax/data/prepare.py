@@ -42,7 +42,7 @@ class SetSpec:
 
   def load(self) -> data.Dataset:
     if self.kind == "folder":
-      return data.image_folder(self.root, self.name, flat=False)
+      return data.image_folder(self.root, self.name, flat=False, class_index=wnid_index(self.root))
     if self.kind == "flat_folder":
       return data.image_folder(self.root, self.name, flat=True)
     if self.kind == "openood_list":
@@ -84,6 +84,17 @@ class PrepareReport:
       if len(bad) > limit:
         lines.append(f"{name}: ... {len(bad) - limit} more unreadable")
     return "\n".join(lines)
+
+
+def wnid_index(root: str) -> dict[str, int] | None:
+  """ImageNet class indices of the subfolders when all are ImageNet-1k wnids (so a subset keeps its
+  labels); None (sorted folder order) otherwise."""
+  from synood_jax.data import imagenet
+  if not os.path.isdir(root):
+    return None
+  subdirs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
+  known = {w: i for i, w in enumerate(imagenet.IMAGENET_WNIDS)}
+  return {d: known[d] for d in subdirs} if subdirs and all(d in known for d in subdirs) else None
 
 
 def mos_specs(imagenet_val: str | None = None, inaturalist: str | None = None, sun: str | None = None,
@@ -169,3 +180,76 @@ def prepare(specs: Sequence[SetSpec], out_dir: str, *, allow_partial: bool = Fal
   with open(os.path.join(out_dir, "index.json"), "w") as f:
     json.dump({"sets": report.sets}, f, indent=1)
   return report
+
+
+# ------------------------------------------------------------------------------------------------
+# ImageNet val as extracted from its tar: one flat folder -> wnid subfolders.
+
+def read_val_labels(path: str, files: Sequence[str]) -> dict[str, str]:
+  """{file name: wnid} for the flat val images `files` (base names), from a standard labels file:
+  Kaggle's LOC_val_solution.csv (`ImageId,PredictionString` rows), `<file> <wnid or class index>` lines
+  (class index = position in the sorted wnids, as caffe's val.txt), or one wnid per line in file-name
+  order (TF-slim's imagenet_2012_validation_synset_labels.txt)."""
+  from synood_jax.data import imagenet
+  with open(path, encoding="utf-8") as f:
+    lines = [line.strip() for line in f if line.strip()]
+  by_stem = {os.path.splitext(n)[0]: n for n in files}
+  out: dict[str, str] = {}
+  if lines and lines[0].replace(" ", "").lower().startswith("imageid,"):
+    for lineno, line in enumerate(lines[1:], 2):
+      stem, _, pred = line.partition(",")
+      if not pred.split():
+        raise data.DataError(f"{path}:{lineno}: no label in {line!r}")
+      if stem in by_stem:
+        out[by_stem[stem]] = pred.split()[0]
+  elif lines and all(len(line.split()) == 1 for line in lines):
+    ordered = sorted(files)
+    if len(lines) != len(ordered):
+      raise data.DataError(f"{path}: {len(lines)} labels (one wnid per line, in file-name order) for "
+                           f"{len(ordered)} images")
+    out = dict(zip(ordered, lines))
+  else:
+    for lineno, line in enumerate(lines, 1):
+      parts = line.split()
+      if len(parts) < 2:
+        raise data.DataError(f"{path}:{lineno}: expected '<file> <wnid or class index>', got {line!r}")
+      name, label = os.path.basename(parts[0]), parts[1]
+      if label.isdigit():
+        if int(label) >= len(imagenet.IMAGENET_WNIDS):
+          raise data.DataError(f"{path}:{lineno}: class index {label} is not below 1000")
+        label = imagenet.IMAGENET_WNIDS[int(label)]
+      key = name if name in files else by_stem.get(os.path.splitext(name)[0])
+      if key:
+        out[key] = label
+  return out
+
+
+def sort_flat_val(root: str, labels_file: str) -> dict[str, int]:
+  """Move every image directly in `root` into `root/<wnid>/` (as ImageNet's valprep.sh does).
+
+  Everything is checked before anything moves: every image needs a label, every label must be an
+  ImageNet-1k wnid; otherwise DataError names the files. Returns {wnid: images}.
+  """
+  from synood_jax.data import imagenet
+  if not os.path.isdir(root):
+    raise data.DataError(f"{root}: not a directory")
+  files = sorted(f for f in os.listdir(root) if os.path.isfile(os.path.join(root, f)) and data._is_image(f))
+  if not files:
+    raise data.DataError(f"{root}: no images directly in the folder (already sorted?)")
+  labels = read_val_labels(labels_file, files)
+  unlabelled = [f for f in files if f not in labels]
+  known = set(imagenet.IMAGENET_WNIDS)
+  bad = sorted({w for w in labels.values() if w not in known})
+  if unlabelled or bad:
+    raise data.DataError(
+        f"{root}: cannot sort with {labels_file}: " + "; ".join(
+            ([f"{len(unlabelled)} image(s) without a label, e.g. {unlabelled[:5]}"] if unlabelled else [])
+            + ([f"label(s) that are not ImageNet-1k wnids: {bad[:5]}"] if bad else [])))
+  counts: dict[str, int] = {}
+  for f in files:
+    wnid = labels[f]
+    os.makedirs(os.path.join(root, wnid), exist_ok=True)
+    os.replace(os.path.join(root, f), os.path.join(root, wnid, f))
+    counts[wnid] = counts.get(wnid, 0) + 1
+  logging.info("%s: %d images sorted into %d wnid folders", root, len(files), len(counts))
+  return counts

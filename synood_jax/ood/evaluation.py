@@ -31,6 +31,7 @@ from absl import logging
 
 from synood_jax.data import datasets as data, imagenet as imagenet_classes
 from synood_jax.ood import metrics, report
+from synood_jax.progress import Progress
 
 ScoreFn = Callable[[np.ndarray, Mapping[str, Any]], np.ndarray]
 
@@ -176,6 +177,7 @@ def extract_features(bundle, params, dataset: data.Dataset, preprocess: Callable
   loader = data.ImageLoader(dataset, batch_size, preprocess, num_threads=num_threads)
   feats, labels, indices = [], [], []
   start, done = time.perf_counter(), 0
+  progress = Progress(len(dataset), name=f"features {dataset.name}", unit="img", every_secs=10)
   for batch in loader:
     images = batch["image"]
     n = images.shape[0]
@@ -185,6 +187,10 @@ def extract_features(bundle, params, dataset: data.Dataset, preprocess: Callable
     feats.append(f)
     labels.append(batch["label"])
     indices.append(batch["index"])
+    if done == 0:
+      progress.restart(done=n)  # the first batch compiled: the pace counts from its end
+    else:
+      progress.update(n)
     done += n
   if not feats:
     raise data.DataError(f"{dataset.name}: no readable image among {len(dataset)} records")

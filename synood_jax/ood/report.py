@@ -152,15 +152,48 @@ def write_plots(scores: Mapping[str, Mapping[str, np.ndarray]], id_set: str, ood
   return paths
 
 
-def write_image_grid(pairs: Sequence[tuple[str, str]], path: str, size: int = 96) -> str:
-  """Two rows per column pair: each source image above its synthetic in-painting (PNG)."""
-  from PIL import Image
+def write_image_grid(pairs: Sequence[tuple[str, str]], path: str, size: int = 96,
+                     captions: Sequence[str] | None = None, per_row: int = 4) -> str:
+  """Pairs side by side (source left, synthetic right), `per_row` pairs a row, each with an optional
+  caption strip below (PNG)."""
+  from PIL import Image, ImageDraw
   n = len(pairs)
-  grid = Image.new("RGB", (max(n, 1) * size, 2 * size), "white")
+  cols = max(1, min(per_row, n))
+  rows = max(1, -(-n // cols))
+  strip = 14 if captions else 0
+  gap = 6
+  cell_w, cell_h = 2 * size + gap, size + strip + gap
+  grid = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
+  draw = ImageDraw.Draw(grid)
   for i, (src, syn) in enumerate(pairs):
-    for row, p in enumerate((src, syn)):
+    x, y = (i % cols) * cell_w, (i // cols) * cell_h
+    for k, p in enumerate((src, syn)):
       with Image.open(p) as im:
-        grid.paste(im.convert("RGB").resize((size, size), Image.BICUBIC), (i * size, row * size))
+        grid.paste(im.convert("RGB").resize((size, size), Image.BICUBIC), (x + k * size, y))
+    if captions:
+      draw.text((x + 2, y + size + 1), captions[i], fill="black")
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   grid.save(path)
+  return path
+
+
+def plot_loss_curves(curves: Mapping[str, Sequence[Mapping]], path: str) -> str:
+  """Training loss per step (thin) and per-epoch mean (markers), one panel per curve; rows are
+  metrics.jsonl records {step, epoch, loss}."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+  for ax, (name, rows) in zip(axes[0], curves.items()):
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, alpha=0.6, label="per step")
+    epochs = sorted({r["epoch"] for r in rows})
+    ends = [max(r["step"] for r in rows if r["epoch"] == e) for e in epochs]
+    means = [np.mean([r["loss"] for r in rows if r["epoch"] == e]) for e in epochs]
+    ax.plot(ends, means, "o-", lw=1.5, label="epoch mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title(name)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
   return path

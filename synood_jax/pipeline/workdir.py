@@ -13,7 +13,10 @@
   export/                      stage `export`: the tuned model
   eval/                        stage `evaluate`: results.json, results.md, plots/, cache/
   report.md, report_grid.png   stage `report`
-  done/<stage>.json            written last by each stage; a rerun skips the stage
+  config.json                  the full resolved config of the latest run
+  started/<stage>.json         the stage's fingerprint when it started (a killed stage resumes only if equal)
+  done/<stage>.json            written last by each stage, with its fingerprint; a rerun skips the stage
+                               while the config fields it reads (and its inputs) are unchanged
 """
 from __future__ import annotations
 
@@ -122,5 +125,12 @@ class Workdir:
   def report_grid(self) -> str:
     return self.path("report_grid.png")
 
+  @property
+  def config(self) -> str:
+    return self.path("config.json")
+
   def done(self, stage: str) -> str:
     return self.path("done", f"{stage}.json")
+
+  def started(self, stage: str) -> str:
+    return self.path("started", f"{stage}.json")
