@@ -84,13 +84,13 @@ def baseline_note(results: dict, random_models: bool, tuned: str = "synood") -> 
   return ["**A baseline beats the tuned model:** " + "; ".join(beats) + ".", "", why, ""]
 
 
-def pick_pairs(manifest: list[dict], max_pairs: int) -> list[dict]:
+def pick_pairs(manifest: list[dict], max_pairs: int, target: float) -> list[dict]:
   """Up to max(max_pairs, classes) records covering every class: round-robin over the classes in
-  class order, best boundary score first, ok images before the others."""
+  class order, ok images first, nearest the boundary (|s - m|) first."""
   by_class: dict = {}
   for m in manifest:
     by_class.setdefault((m["class_index"], m["class_name"]), []).append(m)
-  queues = [sorted(v, key=lambda m: (health.status_of(m) != "ok", abs(m["scores"][-1]) if m["scores"] else 0))
+  queues = [sorted(v, key=lambda m: (health.status_of(m) != "ok", abs(m["scores"][-1] - target)))
             for _, v in sorted(by_class.items())]
   out, depth = [], 0
   while len(out) < max(max_pairs, len(queues)) and any(depth < len(q) for q in queues):
@@ -126,7 +126,7 @@ def write_run_report(wd: Workdir, max_pairs: int = 12) -> str:
   held = synthesis_info.get("heldout")
   if held:
     lines.append(f"Held-out synthetic images (evaluation only): {held['images']}: "
-                 + ", ".join(f"{k} {v}" for k, v in held["status"].items()) + ".")
+                 + ", ".join(f"{k} {held['status'].get(k, 0)}" for k in health.STATUSES) + ".")
   unreadable = synthesis_info.get("unreadable_sources") or []
   if unreadable:
     lines.append(f"{len(unreadable)} source image(s) could not be read and were skipped: {unreadable[:5]}.")
@@ -135,10 +135,10 @@ def write_run_report(wd: Workdir, max_pairs: int = 12) -> str:
     lines.append("Boundary score s per refinement iteration (mean over images): "
                  + ", ".join(f"{v:.3f}" for v in np.nanmean(scores, axis=0)) + ".")
     source_root = sources_info.get("root", "")
-    chosen = pick_pairs(manifest, max_pairs)
+    chosen = pick_pairs(manifest, max_pairs, float(config.get("synthesis", {}).get("target", 0.0)))
     write_image_grid([(os.path.join(source_root, m["source"]), os.path.join(wd.synthesis, m["output"]))
                       for m in chosen], wd.report_grid,
-                     captions=[f"{m['class_name'][:14]} s={m['scores'][-1]:.2f}"
+                     captions=[f"{m['class_name'][:14]}: s = {m['scores'][-1]:.2f}"
                                + ("" if health.status_of(m) == "ok" else f" ({health.status_of(m)})")
                                for m in chosen])
     classes = len({m["class_index"] for m in manifest})

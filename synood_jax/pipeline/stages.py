@@ -198,7 +198,7 @@ def stage_synthesis(ctx: Context) -> dict:
   root = data_roots(ctx.config, ctx.wd)
   info = _synthesize(ctx, _records(ctx.wd.sources), root["train"], ctx.wd.synthesis)
   if ctx.config.data.get("generate"):
-    held = sources.select_sources(root["val"], per_class=10**6,
+    held = sources.select_sources(root["val"], per_class=None,
                                   class_index=ctx.class_index(root["val"]).index).records
     info["heldout"] = _synthesize(ctx, [dataclasses.asdict(r) for r in held], root["val"],
                                   ctx.wd.synthesis_heldout)
@@ -422,17 +422,16 @@ def plan(config, wd: Workdir, stages: list[str]) -> tuple[dict, list[Step]]:
   inputs changed."""
   fps = provenance.fingerprints(config, READS, CONSUMES, VERSIONS, NOT_RESULTS)
   steps, will_be_valid = [], set()
+  done = {name: provenance.read_json(wd.done(name)) for name in STAGES}
   for name in STAGES:
-    done = provenance.read_json(wd.done(name))
-    if done is not None and not provenance.changes(done, fps[name]):
+    if done[name] is not None and not provenance.changes(done[name].get("provenance"), fps[name]):
       will_be_valid.add(name)
   for name in stages:
-    done = provenance.read_json(wd.done(name))
     if name in will_be_valid:
       steps.append(Step(name, "skip", []))
       continue
-    if done is not None:
-      steps.append(Step(name, "rerun", provenance.changes(done, fps[name])))
+    if done[name] is not None:
+      steps.append(Step(name, "rerun", provenance.changes(done[name].get("provenance"), fps[name])))
     else:
       started = provenance.read_json(wd.started(name))
       partial = any(os.path.exists(p) for p in _outputs(wd, name))

@@ -155,10 +155,11 @@ def training_records(manifest: Sequence[Mapping], drop_flagged: bool = True) -> 
   kept = [m for m in manifest if status_of(m) in keep]
   if manifest and not kept:
     c = counts([status_of(m) for m in manifest])
-    parts = [f"{c[s]} {s}" for s in ("nonfinite", "degenerate") if c[s]]
+    parts = [f"{c[s]} of {len(manifest)} are {s} (never trained on)" for s in ("nonfinite", "degenerate") if c[s]]
     if drop_flagged and c["in_distribution"]:
-      parts.append(f"pseudo.drop_flagged removed {c['in_distribution']} (in_distribution)")
-    raise ValueError(f"no synthetic image is fit for pseudo-labelling: of {len(manifest)}, "
-                     + ", ".join(parts) + f". Likely cause: {likely_cause(c)}")
+      parts.append(f"pseudo.drop_flagged removed {c['in_distribution']} of {len(manifest)} (in_distribution: "
+                   "s stayed below m - band)")
+    raise ValueError("no synthetic image is fit for pseudo-labelling: " + "; ".join(parts)
+                     + f". Likely cause: {likely_cause(c)}")
   return kept
 

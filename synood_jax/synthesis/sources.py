@@ -111,19 +111,19 @@ def _choose(pool, root: str, scored: list[tuple[str, float]], k: int, decode: bo
   return chosen
 
 
-def select_sources(root: str, per_class: int = 50, extensions: Iterable[str] = DEFAULT_EXTENSIONS,
+def select_sources(root: str, per_class: int | None = 50, extensions: Iterable[str] = DEFAULT_EXTENSIONS,
                    num_workers: int = 8, class_index: Mapping[str, int] | None = None,
                    decode: bool = True) -> Selection:
   """Top-`per_class` images per class folder by file bytes / (width * height).
 
   `root/<class>/...<file>` (files in sub-folders of a class folder count for that class); extensions are
   matched case-insensitively. Ties are broken by relative path (ascending), so the result is
-  deterministic. `class_index` maps folder -> class index (default: the sorted folder order; see
+  deterministic; `per_class=None` takes every readable image. `class_index` maps folder -> class index (default: the sorted folder order; see
   `data.imagenet.class_index`). With `decode`, each chosen image is decoded in full, and one that fails
   is replaced by the next best. Returns `Selection(records, skipped)`.
   """
-  if per_class <= 0:
-    raise ValueError(f"per_class must be positive, got {per_class}")
+  if per_class is not None and per_class <= 0:
+    raise ValueError(f"per_class must be positive (or None: every image), got {per_class}")
   extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
   classes = class_folders(root)
   if not classes:
@@ -146,8 +146,8 @@ def select_sources(root: str, per_class: int = 50, extensions: Iterable[str] = D
           logging.warning("select_sources: skipping unreadable image %s (%s)", os.path.join(root, rel), err)
           skipped.append(Skipped(rel, err))
       scored.sort(key=lambda rs: (-rs[1], rs[0]))
-      chosen = _choose(pool, root, scored, per_class, decode, skipped)
-      if len(chosen) < per_class:
+      chosen = _choose(pool, root, scored, per_class or len(scored), decode, skipped)
+      if per_class and len(chosen) < per_class:
         logging.warning("select_sources: class %s has %d readable images, fewer than %d", name, len(chosen),
                         per_class)
       records.extend(SourceRecord(name, index[name], rel, score) for rel, score in chosen)
