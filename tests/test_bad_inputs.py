@@ -140,8 +140,9 @@ def test_flat_val_folder_is_recognised_and_sorted(tmp_path):
       f"ILSVRC2012_val_{i + 1:08d},{w} 1 2 3 4 {w} 5 6 7 8\n" for i, w in reversed(list(enumerate(wnids)))))
   assert prepare.sort_flat_val(str(val), str(labels)) == {"n01440764": 1, "n01530575": 2}
   assert sorted(os.listdir(val)) == ["n01440764", "n01530575"]
-  ds = data.image_folder(str(val), flat=False, class_index=prepare.wnid_index(str(val)))
-  assert sorted(r.label for r in ds.records) == [0, 10, 10]       # ImageNet indices, not folder positions
+  ds = data.image_folder(str(val), flat=False)
+  index = imagenet.class_index(ds.classes).index                  # ImageNet indices, not folder positions
+  assert sorted(index[ds.classes[r.label]] for r in ds.records) == [0, 10, 10]
   # the other layouts: one wnid per line, '<file> <class index>' lines; unknown labels stop before moving
   flat2 = tmp_path / "v2"
   for i in range(2):

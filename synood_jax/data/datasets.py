@@ -112,14 +112,14 @@ def flat_folder_message(root: str, what: str) -> str:
           "with one wnid per line, in file-name order)")
 
 
-def image_folder(root: str, name: str | None = None, *, flat: bool | None = None,
-                 class_index: dict[str, int] | None = None) -> Dataset:
-  """Class subfolders or, with `flat` (or no subfolder), OOD images.
+def image_folder(root: str, name: str | None = None, *, flat: bool | None = None) -> Dataset:
+  """Class subfolders (labels = sorted folder index, `classes` = the folder names) or, with `flat` (or
+  no subfolder), OOD images.
 
   `flat=None` decides by layout: images directly in `root` and no subfolder -> flat; subfolders ->
-  one class each, labelled by `class_index` (folder -> index, e.g. `imagenet.class_index(...).index`)
-  or else by sorted folder position. A flat folder takes every image below `root` (recursively), all
-  labelled -1; `flat=False` on a folder without subfolders says how to lay it out.
+  one class each. A flat folder takes every image below `root` (recursively), all labelled -1;
+  `flat=False` on a folder without subfolders says how to lay it out. A label indexes `classes`; the
+  class identity in a model's label space comes from the folder name (`imagenet.class_index`).
   """
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
@@ -135,12 +135,8 @@ def image_folder(root: str, name: str | None = None, *, flat: bool | None = None
     classes = None
   else:
     records, classes = [], subdirs
-    index = class_index if class_index is not None else {d: i for i, d in enumerate(subdirs)}
-    unknown = [d for d in subdirs if d not in index]
-    if unknown:
-      raise DataError(f"image folder {root}: subfolder(s) {unknown[:10]} have no class index")
-    for d in subdirs:
-      records.extend(Record(p, index[d]) for p in _walk_images(os.path.join(root, d)))
+    for label, d in enumerate(subdirs):
+      records.extend(Record(p, label) for p in _walk_images(os.path.join(root, d)))
   if not records:
     raise DataError(f"image folder {root}: no images ({', '.join(IMAGE_EXTENSIONS)})")
   return Dataset(name, records, classes, origin=root)

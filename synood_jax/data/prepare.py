@@ -42,7 +42,7 @@ class SetSpec:
 
   def load(self) -> data.Dataset:
     if self.kind == "folder":
-      return data.image_folder(self.root, self.name, flat=False, class_index=wnid_index(self.root))
+      return data.image_folder(self.root, self.name, flat=False)
     if self.kind == "flat_folder":
       return data.image_folder(self.root, self.name, flat=True)
     if self.kind == "openood_list":
@@ -84,17 +84,6 @@ class PrepareReport:
       if len(bad) > limit:
         lines.append(f"{name}: ... {len(bad) - limit} more unreadable")
     return "\n".join(lines)
-
-
-def wnid_index(root: str) -> dict[str, int] | None:
-  """ImageNet class indices of the subfolders when all are ImageNet-1k wnids (so a subset keeps its
-  labels); None (sorted folder order) otherwise."""
-  from synood_jax.data import imagenet
-  if not os.path.isdir(root):
-    return None
-  subdirs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
-  known = {w: i for i, w in enumerate(imagenet.IMAGENET_WNIDS)}
-  return {d: known[d] for d in subdirs} if subdirs and all(d in known for d in subdirs) else None
 
 
 def mos_specs(imagenet_val: str | None = None, inaturalist: str | None = None, sun: str | None = None,
