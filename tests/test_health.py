@@ -101,6 +101,9 @@ def test_monitor_stops_with_counts_and_cause():
   small = health.Monitor(_cfg(step_size=1e30), total=24, where="m")
   small.add(["degenerate"] * 2)
   assert small.verdict() is not None and "collapsed to flat or identical pixels" in small.verdict()
+  never = health.Monitor(_cfg(max_not_ok=1.0), total=8, where="m")
+  never.add(["nonfinite"] * 8)
+  assert never.verdict(final=True) is None
   run = health.Monitor(_cfg(step_size=10.0), total=24, where="m")
   run.add(["ok"] * 23 + ["in_distribution"])
   assert run.verdict(final=True) is None          # 1 of 24 = 4.2%: within 5%

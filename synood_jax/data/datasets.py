@@ -50,6 +50,7 @@ class Dataset:
   origin: str = ""             # where it came from (folder, list file, manifest, tfds name)
   source: Any = None           # tfds data source (random access), or None for files on disk
   image_key: str = "image"
+  expected: int | None = None  # images the full set has (a partial set has fewer records), if known
 
   def __len__(self) -> int:
     return len(self.records)
@@ -185,7 +186,7 @@ def write_manifest(dataset: Dataset, path: str) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     meta = {"name": dataset.name, "classes": dataset.classes, "origin": dataset.origin,
-            "count": len(dataset)}
+            "count": len(dataset), "expected": dataset.expected}
     f.write(json.dumps({"_meta": meta}) + "\n")
     for r in dataset.records:
       f.write(json.dumps({"path": r.path, "label": r.label}) + "\n")
@@ -215,7 +216,7 @@ def read_manifest(path: str, name: str | None = None) -> Dataset:
   if meta.get("count") is not None and meta["count"] != len(records):
     raise DataError(f"{path}: header says {meta['count']} records, file has {len(records)}")
   name = name or meta.get("name") or os.path.splitext(os.path.basename(path))[0]
-  return Dataset(name, records, meta.get("classes"), origin=os.path.abspath(path))
+  return Dataset(name, records, meta.get("classes"), origin=os.path.abspath(path), expected=meta.get("expected"))
 
 
 def _import_tfds():

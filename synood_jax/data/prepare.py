@@ -18,7 +18,8 @@ from absl import logging
 
 from synood_jax.data import datasets as data
 
-# Expected image counts (MOS benchmark subsets as released; ImageNet-1k val).
+# Expected image counts (MOS benchmark subsets as released; ImageNet-1k val): a set under one of these
+# names with fewer images is shown as partial ("SUN (8 of 10,000)").
 EXPECTED_COUNTS = {
     "imagenet_val": 50_000,
     "inaturalist": 10_000,
@@ -86,6 +87,13 @@ class PrepareReport:
     return "\n".join(lines)
 
 
+def expected_images(name: str, dataset: data.Dataset) -> int | None:
+  """How many images the full set has: as its manifest says, else by benchmark name (None: unknown)."""
+  if dataset.expected is not None:
+    return int(dataset.expected)
+  return EXPECTED_COUNTS.get(name.lower())
+
+
 def mos_specs(imagenet_val: str | None = None, inaturalist: str | None = None, sun: str | None = None,
               places: str | None = None, textures: str | None = None) -> list[SetSpec]:
   """Specs for the MOS benchmark from the folders the user has (None: skipped)."""
@@ -147,7 +155,8 @@ def prepare(specs: Sequence[SetSpec], out_dir: str, *, allow_partial: bool = Fal
                                  f"expected {want_classes}")
     drop = set(missing) | {f.path for f in bad}
     good = [r for r in ds.records if r.path not in drop]
-    datasets[spec.name] = (spec, data.Dataset(ds.name, good, ds.classes, ds.origin), len(ds), expected)
+    datasets[spec.name] = (spec, data.Dataset(ds.name, good, ds.classes, ds.origin, expected=expected),
+                           len(ds), expected)
     logging.info("%s: %d listed, %d missing, %d unreadable (expected %s)", spec.name, len(ds),
                  len(missing), len(bad), expected)
 

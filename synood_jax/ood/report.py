@@ -27,6 +27,15 @@ def pretty(name: str) -> str:
   return PRETTY.get(name.lower(), name)
 
 
+def set_label(name: str, counts: Mapping | None = None) -> str:
+  """The set's display name; a partial set says so: 'SUN (8 of 10,000)'."""
+  c = (counts or {}).get(name) or {}
+  found, expected = c.get("found"), c.get("expected")
+  if found is not None and expected and found < expected:
+    return f"{pretty(name)} ({found:,} of {expected:,})"
+  return pretty(name)
+
+
 def _pct(x) -> str:
   return "-" if x is None or not np.isfinite(x) else f"{100 * float(x):.2f}"
 

@@ -11,6 +11,7 @@ A run stops when the not-ok images exceed `max_not_ok` of all the sources: as so
 far already passes that share of the total (the final share can only be higher), or earlier when at
 least EARLY_MIN_IMAGES are done and at least EARLY_SHARE of them are not ok (a broken setting, such as
 step_size=inf, fails every image; a healthy run at 5% has a chance below 1e-9 of 16 bad in 32).
+`max_not_ok=1` never stops.
 """
 from __future__ import annotations
 
@@ -131,7 +132,8 @@ class Monitor:
     done = sum(c.values())
     bad = sum(c[s] for s in NOT_OK)
     limit = self.max_share * self.total
-    early = done >= min(EARLY_MIN_IMAGES, self.total) and bad >= EARLY_SHARE * done
+    early = (self.max_share < EARLY_SHARE and done >= min(EARLY_MIN_IMAGES, self.total)
+             and bad >= EARLY_SHARE * done)
     if not (bad > limit or early):
       return None
     share = bad / max(done, 1)

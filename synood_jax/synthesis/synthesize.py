@@ -217,6 +217,7 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
   progress = Progress(total=len(mine), initial=len(mine) - len(todo), name="synthesis", unit="img",
                       every_secs=config.get("log_every_secs", 30))
   monitor = health.Monitor(config, len(sources), manifest_path, [health.status_of(r) for r in done.values()])
+  monitor.check(c=_global_counts(monitor.statuses))  # a resumed run that already failed stops at once
   with open(manifest_path, "a") as manifest:
     for b in range(n_batches):
       images, chunk = _load_images(todo[b * local_batch:(b + 1) * local_batch], source_root, config.image_size)
