@@ -34,7 +34,7 @@ WNID = re.compile(r"n\d{8}")
 # Prompt templates by name (the config's `templates` field takes a name or a list of templates).
 TEMPLATES = {
     "neglabel": ("the nice {}",),   # NegLabel / SynOOD: ID classes and nouns
-    "mcm": ("a photo of a {}.",),   # MCM
+    "mcm": ("a photo of a {}",),    # MCM (no period: MCM's `prompt_name`)
     "clip80": IMAGENET_TEMPLATES,   # CLIP's 80-template ensemble
 }
 

@@ -90,7 +90,10 @@ def decode_images(vae_fn, vae_params, latents, scaling_factor: float, chunk: int
   def one(z):
     return jnp.clip(vae_fn(vae_params, z / scaling_factor).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
   b = latents.shape[0]
-  if not chunk or chunk >= b or b % chunk:
+  if chunk and chunk < b and b % chunk:
+    raise ValueError(f"decode_chunk={chunk} does not divide the batch of {b} latents; choose a divisor "
+                     "of synthesis.batch_size (or 0 to decode the whole batch at once)")
+  if not chunk or chunk >= b:
     return one(latents)
   out = jax.lax.map(one, latents.reshape((b // chunk, chunk) + latents.shape[1:]))
   return out.reshape((b,) + out.shape[2:])

@@ -113,7 +113,6 @@ def checks(config, stages: Iterable[str]) -> list[tuple[str, str, list[str]]]:
   if not c.negatives.label_list:
     check("negatives.corpus", c.negatives.corpus, _corpus, ("negatives",))
   if not generated and "evaluate" in stages:
-    check("eval.classnames", c.eval.classnames, _classnames, ("evaluate",))
     for key in ("id_set", "ood_sets"):
       try:
         sets = evaluation.parse_sets(c.eval[key], c.eval.get("data_dir", ""))

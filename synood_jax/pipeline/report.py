@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from synood_jax.ood.report import markdown, plot_loss_curves, pretty, write_image_grid
+from synood_jax.ood.report import markdown, plot_loss_curves, pretty, set_label, write_image_grid
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax.synthesis import health
 
@@ -72,7 +72,8 @@ def baseline_note(results: dict, random_models: bool, tuned: str = "synood") -> 
       a = by_conv["id_positive"].get(name, {}).get("auroc")
       b = methods[tuned]["id_positive"].get(name, {}).get("auroc")
       if a is not None and b is not None and a > b:
-        beats.append(f"{pretty(method)} beats {pretty(tuned)} on {pretty(name)} (AUROC {100 * a:.2f} vs {100 * b:.2f})")
+        where = "average" if name == "average" else set_label(name, results.get("counts"))
+        beats.append(f"{pretty(method)} beats {pretty(tuned)} on {where} (AUROC {100 * a:.2f} vs {100 * b:.2f})")
   if not beats:
     return [f"{pretty(tuned)} has the best AUROC on every set.", ""]
   why = ("With random models this is expected: their features carry no meaning, the tuned projection and "
@@ -149,7 +150,7 @@ def write_run_report(wd: Workdir, max_pairs: int = 12) -> str:
             for name, folder in (("stage 2 (projection)", wd.stage2), ("stage 3 (negative features)", wd.stage3))}
   curves = {k: v for k, v in curves.items() if v}
   if curves:
-    path = wd.path("report_losses.png")
+    path = wd.report_losses
     plot_loss_curves(curves, path)
     lines += ["", "## Fine-tuning losses", ""]
     lines += [f"- {name}: epoch-mean loss {' → '.join(f'{v:.3f}' for v in _epoch_means(rows))}"

@@ -82,11 +82,20 @@ class Context:
     return imagenet_classes.class_names(names)
 
   @functools.cached_property
+  def templates(self) -> list[str]:
+    """The ID prompts of NegLabel, which SynOOD's guidance, training and tuned score use."""
+    return imagenet_classes.load_templates(self.config.eval.templates.neglabel)
+
+  @functools.cached_property
   def id_text(self) -> np.ndarray:
     """Normalised ID class text features (the NegLabel / SynOOD prompt)."""
-    templates = imagenet_classes.load_templates(self.config.eval.templates)
-    return zero_shot.class_text_features(self.clip, self.clip.params, self.classnames, templates,
+    return zero_shot.class_text_features(self.clip, self.clip.params, self.classnames, self.templates,
                                          int(self.config.eval.text_batch_size), self.mesh)
+
+  @functools.cached_property
+  def negatives(self) -> evaluation.Negatives:
+    """The negative labels and their text features, as the negatives stage encoded them (once)."""
+    return evaluation.Negatives.load(self.wd.negative_labels, self.wd.negative_features)
 
   @functools.cached_property
   def synthesis_models(self):
@@ -96,11 +105,12 @@ class Context:
     pipe, params = pipeline.load_inpaint_pipeline(model_paths(c, self.wd)[1], dtype=jnp.dtype(c.models.dtype),
                                                   scheduler=c.synthesis.get("scheduler") or None)
     logits_fn, params["classifier"] = _guidance(self)
-    return pipe, parallel.shard_params(params, self.mesh), logits_fn
+    return pipe, parallel.shard_params(params, self.mesh, self.config.mesh.sharding_rules), logits_fn
 
-  def preprocess(self):
-    return evaluation.make_preprocess(model_paths(self.config, self.wd)[0],
-                                      self.clip.config.vision.image_size)[0]
+  @functools.cached_property
+  def clip_params(self):
+    """CLIP's params placed on the mesh by the sharding rules."""
+    return parallel.shard_params(self.clip.params, self.mesh, self.config.mesh.sharding_rules)
 
 
 def _mark_done(wd: Workdir, stage: str, info: dict) -> None:
@@ -206,39 +216,22 @@ def stage_synthesis(ctx: Context) -> dict:
 
 
 def stage_negatives(ctx: Context) -> dict:
-  """NegLabel's negative labels: a given list, or mined from a corpus with the ID class names."""
-  n = ctx.config.negatives
-  out = ctx.wd.negative_labels
-  if n.label_list:
-    labels = nl.load_label_list(n.label_list)
-    provenance = {"label_list": n.label_list}
-  else:
-    corpus = n.corpus or ",".join(os.path.join(ctx.wd.words, f) for f in ("nouns.txt", "adjectives.txt"))
-    nouns, adjs = nl.read_word_lists(*corpus.split(",", 1)) if "," in corpus else nl.read_wordnet(corpus)
-    encode = lambda prompts: evaluation.encode_prompts(ctx.clip, ctx.clip.params, prompts,
-                                                       int(ctx.config.eval.text_batch_size), ctx.mesh)
-    labels = nl.mine_negative_labels(encode, ctx.classnames, nouns, adjs, percentile=n.percentile,
-                                     keep_fraction=n.keep_fraction)
-    provenance = {"corpus": corpus, "nouns": len(nouns), "adjectives": len(adjs)}
-  provenance.update(model=model_paths(ctx.config, ctx.wd)[0], percentile=n.percentile,
-                    keep_fraction=n.keep_fraction)
-  nl.write_label_list(out, labels, provenance)
-  return {"labels": len(labels), "path": out}
-
-
-def _negative_text(ctx: Context) -> tuple[np.ndarray, list[str]]:
-  labels = nl.load_label_list(ctx.wd.negative_labels)
-  feats = evaluation.encode_prompts(ctx.clip, ctx.clip.params, labels.prompts,
-                                    int(ctx.config.eval.text_batch_size), ctx.mesh)
-  return feats, list(labels.labels)
+  """NegLabel's negative labels (a given list, or mined from a corpus with the ID class names), and
+  their text features: the only time a run encodes the negative prompts."""
+  settings = ctx.config.negatives.to_dict()
+  if not settings["label_list"] and not settings["corpus"]:  # the demo's generated word lists
+    settings["corpus"] = ",".join(os.path.join(ctx.wd.words, f) for f in ("nouns.txt", "adjectives.txt"))
+  neg = evaluation.encode_negatives(ctx.clip, ctx.classnames, batch_size=int(ctx.config.eval.text_batch_size),
+                                    mesh=ctx.mesh, **settings)
+  neg.save(ctx.wd.negative_labels, ctx.wd.negative_features)
+  return {"labels": len(neg.labels), "path": ctx.wd.negative_labels, "features": ctx.wd.negative_features}
 
 
 def _encode_files(ctx: Context, name: str, records: list[data.Record]) -> tuple[np.ndarray, np.ndarray, list]:
   """(raw CLIP image embeddings, indices of the records read, failures): an unreadable file is skipped
   (the loader's warning names it) and counted in the stage's info."""
-  ds = data.Dataset(name, records)
-  f = evaluation.extract_features(ctx.clip, parallel.shard_params(ctx.clip.params, ctx.mesh), ds,
-                                  ctx.preprocess(), batch_size=int(ctx.config.eval.batch_size), mesh=ctx.mesh)
+  f = evaluation.encode_set(ctx.clip, data.Dataset(name, records), params=ctx.clip_params,
+                            batch_size=int(ctx.config.eval.batch_size), mesh=ctx.mesh)
   return f.features, np.asarray(f.indices), [x["path"] for x in f.failures]
 
 
@@ -258,11 +251,10 @@ def stage_features(ctx: Context) -> dict:
   syn_feats, syn_rows, syn_bad = _encode_files(
       ctx, "synthetic", [data.Record(os.path.join(syn_dir, m["output"])) for m in manifest])
   manifest = [manifest[i] for i in syn_rows]
-  neg_text, neg_names = _negative_text(ctx)
-  mined = nl.pseudo_labels(zero_shot.l2_normalize(syn_feats), neg_text)
+  mined = nl.pseudo_labels(zero_shot.l2_normalize(syn_feats), ctx.negatives.features)
   distinct = np.unique(mined)
   used = nl.write_pseudo_labels(ctx.wd.pseudo_labels, [m["output"] for m in manifest],
-                                mined, neg_names)
+                                mined, ctx.negatives.labels.labels)
   np.savez(ctx.wd.features, id_features=id_feats,
            id_labels=np.asarray([r["class_index"] for r in src], np.int32), syn_features=syn_feats,
            syn_negative=mined.astype(np.int32), distinct=distinct.astype(np.int32))
@@ -278,7 +270,7 @@ def _features(ctx: Context) -> dict:
 def stage_stage2(ctx: Context) -> dict:
   """Residual projection on the frozen image encoder: CE over [ID prompts; mined negatives]."""
   f = _features(ctx)
-  neg_text, _ = _negative_text(ctx)
+  neg_text = ctx.negatives.features
   position = {int(j): i for i, j in enumerate(f["distinct"])}  # mined label -> row among the distinct
   syn_rows = np.asarray([position[int(j)] for j in f["syn_negative"]], np.int32)
   text = np.concatenate([ctx.id_text, neg_text[f["distinct"]]])
@@ -293,7 +285,7 @@ def stage_stage2(ctx: Context) -> dict:
 def stage_stage3(ctx: Context) -> dict:
   """The mined negatives' text features, trained against the synthetic images' mined labels."""
   f = _features(ctx)
-  neg_text, _ = _negative_text(ctx)
+  neg_text = ctx.negatives.features
   position = {int(j): i for i, j in enumerate(f["distinct"])}
   syn_rows = np.asarray([position[int(j)] for j in f["syn_negative"]], np.int32)
   tuned = negatives.train_negative_features(ctx.config.stage3, f["syn_features"], syn_rows,
@@ -306,48 +298,39 @@ def tuned_model(ctx: Context) -> export.TunedModel:
   """The tuned model of this workdir: projection (stage 2), negatives with the tuned rows (stage 3)."""
   with np.load(ctx.wd.projection) as z:
     params = traverse_util.unflatten_dict({k: jnp.asarray(z[k]) for k in z.files}, sep="/")
-  neg_text, neg_names = _negative_text(ctx)
-  tuned = np.load(ctx.wd.tuned_negatives)
-  negatives = neg_text.copy()
-  negatives[_features(ctx)["distinct"]] = np.asarray(zero_shot.l2_normalize(tuned))
+  negatives = ctx.negatives.features.copy()
+  negatives[_features(ctx)["distinct"]] = np.asarray(zero_shot.l2_normalize(np.load(ctx.wd.tuned_negatives)))
   e, s2 = ctx.config.eval, ctx.config.stage2
-  return export.TunedModel(ctx.clip, params, ctx.id_text, negatives, neg_names, list(ctx.classnames),
-                           groups=int(e.groups), temperature=float(e.temperature),
-                           layernorm_eps=float(s2.layernorm_eps), normalize_inputs=bool(s2.normalize_inputs))
+  return export.TunedModel(ctx.clip, params, ctx.id_text, negatives, list(ctx.negatives.labels.labels),
+                           list(ctx.classnames), groups=int(e.groups), temperature=float(e.temperature),
+                           seed=int(e.seed), layernorm_eps=float(s2.layernorm_eps),
+                           normalize_inputs=bool(s2.normalize_inputs), templates=tuple(ctx.templates))
 
 
 def stage_export(ctx: Context) -> dict:
   """The tuned model as a folder others can load (`export.load_tuned`)."""
-  m = tuned_model(ctx)
-  labels = nl.load_label_list(ctx.wd.negative_labels)
-  folder = export.export_tuned(
-      ctx.wd.export, m.bundle, m.projection, m.id_text, m.negatives, m.negative_labels,
-      labels.prompts, m.classnames,
-      {"groups": m.groups, "temperature": m.temperature, "layernorm_eps": m.layernorm_eps,
-       "normalize_inputs": m.normalize_inputs, "templates": ctx.config.eval.templates,
-       "clip_source": model_paths(ctx.config, ctx.wd)[0]})
+  folder = export.export_tuned(ctx.wd.export, tuned_model(ctx), ctx.negatives.labels.prompts,
+                               {"clip_source": model_paths(ctx.config, ctx.wd)[0]})
   return {"folder": folder}
 
 
 def stage_evaluate(ctx: Context) -> dict:
   """Zero-shot MCM / NegLabel and the tuned model (SynOOD) side by side."""
-  e = ctx.config.eval.copy_and_resolve_references()
-  with e.unlocked():
-    e.clip_path = model_paths(ctx.config, ctx.wd)[0]
-    e.negatives.label_list = ctx.wd.negative_labels
-    if ctx.config.data.classnames == "folders" or os.path.isfile(ctx.config.data.classnames):
-      # the evaluation reads the names (the label space, in index order) from a file
-      e.classnames = ctx.wd.classnames
-      with open(e.classnames, "w") as f:
-        f.write("\n".join(ctx.classnames) + "\n")
-    if ctx.config.data.get("generate"):
-      roots = data_roots(ctx.config, ctx.wd)
-      e.id_set = f"id_val={roots['val']}"
-      e.ood_sets = (f"ood_classes={roots['ood']},"
-                    f"synthetic_heldout={ctx.wd.synthesis_heldout}")
+  e = ctx.config.eval
+  specs = {}
+  if ctx.config.data.get("generate"):  # the demo's held-out sets
+    roots = data_roots(ctx.config, ctx.wd)
+    specs = dict(id_set=f"id_val={roots['val']}",
+                 ood_sets=f"ood_classes={roots['ood']},synthetic_heldout={ctx.wd.synthesis_heldout}")
+  sets, id_name = evaluation.sets_from_config(e, **specs)
   tuned = tuned_model(ctx)
-  evaluation.evaluate(e, ctx.wd.eval, bundle=ctx.clip, image_transform=tuned.transform,
-                      negative_features=tuned.negatives)
+  names = ctx.config.data.classnames
+  evaluation.evaluate(ctx.wd.eval, sets, id_name, clip=ctx.clip, params=ctx.clip_params,
+                      classnames=ctx.classnames if names == "folders" or os.path.isfile(names) else names,
+                      negatives=ctx.negatives,
+                      mesh=ctx.mesh, options=evaluation.Options.from_config(e),
+                      id_text={"neglabel": ctx.id_text}, methods={"synood": tuned.score_features},
+                      method_templates={"synood": tuned.templates})
   return {"results": ctx.wd.results}
 
 
@@ -371,12 +354,12 @@ READS: dict[str, tuple[str, ...]] = {  # config groups / fields; in stage order
     "models": ("seed", "models.clip_path", "models.sd_path", "models.tiny_clip"),
     "data": ("seed", "data.generate", "data.train_root", "data.val_root"),
     "sources": ("data.train_root", "data.classnames", "sources"),
-    "synthesis": ("synthesis", "context", "models.dtype", "data.classnames", "eval.templates"),
+    "synthesis": ("synthesis", "context", "models.dtype", "data.classnames", "eval.templates.neglabel"),
     "negatives": ("negatives", "models.dtype", "data.classnames"),
     "features": ("pseudo", "models.dtype"),
-    "stage2": ("stage2", "models.dtype", "data.classnames", "eval.templates"),
+    "stage2": ("stage2", "models.dtype", "data.classnames", "eval.templates.neglabel"),
     "stage3": ("stage3", "models.dtype"),
-    "export": ("eval.groups", "eval.temperature", "eval.templates", "stage2.layernorm_eps",
+    "export": ("eval.groups", "eval.temperature", "eval.templates.neglabel", "stage2.layernorm_eps",
                "stage2.normalize_inputs"),
     "evaluate": ("eval", "data.classnames", "data.val_root", "models.dtype"),
     "report": (),
@@ -399,8 +382,7 @@ NOT_RESULTS = ("synthesis.batch_size", "synthesis.decode_chunk", "synthesis.log_
                "stage2.checkpoint_every", "stage2.max_to_keep", "stage2.progress_every_secs",
                "stage2.tensorboard", "stage3.checkpoint_every", "stage3.max_to_keep",
                "stage3.progress_every_secs", "stage3.tensorboard", "eval.batch_size", "eval.text_batch_size",
-               "eval.score_batch_size", "eval.num_threads", "eval.mesh.data", "eval.mesh.fsdp",
-               "eval.cache_dir", "eval.plots")
+               "eval.score_batch_size", "eval.num_threads", "eval.cache_dir", "eval.plots")
 
 
 def _outputs(wd: Workdir, stage: str) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from absl import logging
 from PIL import Image
 
 from synood_jax import parallel, runtime
+from synood_jax.jsonl import read_jsonl
 from synood_jax.synthesis import health, refinement
 from synood_jax.diffusion import inpaint, schedulers
 from synood_jax.models import vae as vae_lib
@@ -126,20 +127,9 @@ def masked_image_latents(pipe, vae_params, size: int) -> jax.Array:
 # Manifest and resume.
 
 def read_manifest(path: str) -> dict[str, dict]:
-  """Manifest records by source path; a torn last line (killed mid-write) is dropped."""
-  done = {}
-  if not os.path.exists(path):
-    return done
-  with open(path) as f:
-    for line in f:
-      if not line.endswith("\n"):
-        break
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        break
-      done[rec["source"]] = rec
-  return done
+  """Manifest records by source path; a torn last line (killed mid-write) is dropped, any other bad
+  line raises (the next stage would otherwise train on fewer images without a word)."""
+  return {rec["source"]: rec for rec in read_jsonl(path, required=("source", "output"))}
 
 
 def _remove_stale_temp_files(out_dir: str) -> None:
