@@ -3,9 +3,12 @@
 models -> data -> sources -> synthesis -> negatives -> features -> stage2 -> stage3 -> export -> evaluate
 -> report
 
-Each stage writes into the workdir and then `done/<stage>.json`; a rerun skips finished stages, and a
-stage that was killed picks up where it stopped (synthesis by its manifest, training by its orbax
-checkpoints, evaluation by its feature cache).
+Each stage writes into the workdir and then `done/<stage>.json` with the fingerprint of the config
+fields it reads (READS) and of the stages it consumes (CONSUMES; `provenance.py`). A rerun skips a
+finished stage while its fingerprint holds, and re-runs it and everything downstream when a field it
+reads changed (or refuses, with `on_change='error'`). A stage that was killed picks up where it stopped
+if its inputs are unchanged (synthesis by its manifest, training by its orbax checkpoints, evaluation by
+its feature cache). Every path the config names is checked before the first stage runs (`inputs.py`).
 """
 from __future__ import annotations
 
@@ -111,14 +114,6 @@ class Context:
   def clip_params(self):
     """CLIP's params placed on the mesh by the sharding rules."""
     return parallel.shard_params(self.clip.params, self.mesh, self.config.mesh.sharding_rules)
-
-
-def _mark_done(wd: Workdir, stage: str, info: dict) -> None:
-  path = wd.done(stage)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(info, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +463,7 @@ def run(config, workdir: str, stages=None) -> dict:
     info = STAGE_FNS[name](ctx) or {}
     info["seconds"] = round(time.perf_counter() - start, 2)
     info["provenance"] = fps[name].as_dict()
-    _mark_done(wd, name, info)
+    provenance.write_json(wd.done(name), info)
     logging.info("stage %s: done in %.1f s", name, info["seconds"])
     infos[name] = info
   return infos
