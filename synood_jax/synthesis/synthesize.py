@@ -6,7 +6,9 @@ Writes `<out>/<class>/<name>_ood.png` and `<out>/manifest.jsonl`. Resumable: a P
 before its manifest line, a rerun skips sources with both, and the finished manifest is rewritten in
 source order, so a run killed at any moment and rerun equals an uninterrupted one. Each image's noise
 comes from (seed, source id), never from its place in a batch, so the device count and batch
-composition do not change the result.
+composition do not change the result. Each record has a health `status` (`health.py`: ok, nonfinite,
+degenerate, in_distribution); the run stops with the counts and the likely cause once too many images
+cannot be ok. An unreadable source is skipped with a warning naming it.
 """
 from __future__ import annotations
 
