@@ -7,6 +7,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.on_change = "rerun"                 # a finished stage whose config fields changed: 'rerun' it, or 'error'
   c.compile_cache_dir = os.path.expanduser("~/.cache/synood_jax/xla")  # '' turns the cache off
   c.multi_host = False                  # jax.distributed.initialize() on a pod / multi-node mesh
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
@@ -49,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthesis.grad_mode = "skip"        # 'skip' (official dL/dz0) or 'exact' (through the sampler)
   c.synthesis.reference_batch = 1       # the official loss averages over its batch: B here reproduces it
   c.synthesis.band = 2.0                # |s - m| <= band: near the boundary; s < m - band: flagged as ID
+  c.synthesis.max_not_ok = 0.05         # stop when more than this share of images is not 'ok' (health.py)
+  c.synthesis.min_pixel_std = 0.01      # an image with a smaller pixel std (in [0, 1]) is degenerate
   c.synthesis.batch_size = 8            # global; a multiple of the device count
   c.synthesis.decode_chunk = 0          # VAE-decode this many rows at a time (0: all)
   c.synthesis.classifier = "clip"       # 'clip' zero-shot over the ID prompts, or 'resnet50'

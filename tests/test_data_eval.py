@@ -232,10 +232,13 @@ def test_evaluate_outputs_match_sklearn(eval_run):
           np.testing.assert_allclose(per[s][k], v, rtol=1e-12, atol=1e-12, err_msg=f"{method} {conv} {s} {k}")
       for k in ref["ood_a"]:
         np.testing.assert_allclose(per["average"][k], (ref["ood_a"][k] + ref["ood_b"][k]) / 2, rtol=1e-12)
-  # Zero-shot ID accuracy from the cached features, with each method's prompts.
-  labels = np.load(on_disk["cache"]["colors"])["labels"]
+  # Zero-shot ID accuracy from the cached features, with each method's prompts. The cached labels index
+  # the set's sorted folders (blue, green, red); the class names file says red, green, blue: a folder's
+  # class is the name's line, not its position among the folders.
+  folder = np.asarray(["blue", "green", "red"])[np.load(on_disk["cache"]["colors"])["labels"]]
+  truth = np.asarray([["red", "green", "blue"].index(f) for f in folder])
   for m, t in id_text.items():
-    assert on_disk["id_accuracy"][m] == pytest.approx(np.mean(np.argmax(feats["colors"] @ t.T, 1) == labels))
+    assert on_disk["id_accuracy"][m] == pytest.approx(np.mean(np.argmax(feats["colors"] @ t.T, 1) == truth))
 
 
 def test_each_method_prompts_as_its_paper(eval_run):
@@ -381,3 +384,42 @@ def test_tfds_array_record_source(tmp_path):
   assert loader.failures == []
   ood = data.load_dataset({"kind": "tfds", "dataset": builder.data_dir, "split": "test", "ood": True}, "t")
   assert ood.name == "t" and set(ood.labels.tolist()) == {-1}
+
+
+def test_partial_sets_are_named_as_such(tmp_path):
+  """Issue 11, item 7. Before: a SUN folder of 8 images appeared as 'SUN' with a count only."""
+  records = lambda n: [data.Record(f"/x/{i}.jpg") for i in range(n)]
+  sets = {"imagenet_val": data.Dataset("imagenet_val", records(50)),         # benchmark name: 50,000
+          "sun": data.Dataset("sun", records(8)),                            # benchmark name: 10,000
+          "near": data.Dataset("near", records(3), expected=3),              # its manifest says 3
+          "mine": data.Dataset("mine", records(4))}                          # unknown: never partial
+  found = {"imagenet_val": 50, "sun": 7, "near": 3, "mine": 4}                # one SUN image unreadable
+  feats = {k: evaluation.Features(np.zeros((n, 2), np.float32), np.zeros(n), np.arange(n), [])
+           for k, n in found.items()}
+  counts = evaluation.set_counts(sets, feats)
+  assert counts == {"imagenet_val": {"found": 50, "listed": 50, "expected": 50_000},
+                    "sun": {"found": 7, "listed": 8, "expected": 10_000},
+                    "near": {"found": 3, "listed": 3, "expected": 3},
+                    "mine": {"found": 4, "listed": 4, "expected": None}}
+  assert [report.set_label(k, counts) for k in counts] == ["imagenet_val (50 of 50,000)", "SUN (7 of 10,000)",
+                                                           "near", "mine"]
+  per = {"fpr95": 0.5, "auroc": 0.75, "aupr_in": 0.5, "aupr_out": 0.5}
+  results = {"id_set": "imagenet_val", "ood_sets": ["sun", "near", "mine"], "conventions": ["id_positive"],
+             "counts": counts, "methods": {"mcm": {"id_positive": {s: per for s in ["sun", "near", "mine", "average"]}}},
+             "header": {"id_set": "imagenet_val", "id_count": 50, "ood_counts": {"sun": 7, "near": 3, "mine": 4}}}
+  md = report.markdown(results)
+  assert "| Method | SUN (7 of 10,000) FPR95↓ | SUN (7 of 10,000) AUROC↑ | near FPR95↓" in md
+  assert ("- ID set: `imagenet_val` (50 of 50,000 images: **partial**); OOD sets: `sun` (7 of 10,000 images: "
+          "**partial**), `near` (3), `mine` (4)") in md
+  titles = []
+  orig = report.plot_roc
+  report.plot_roc = lambda i, o, path, title, conv: titles.append(title)
+  try:
+    report.write_plots({"mcm": {s: np.arange(4.0) for s in sets}}, "imagenet_val", ["sun"], str(tmp_path),
+                       counts=counts)
+  finally:
+    report.plot_roc = orig
+  assert titles == ["ROC: imagenet_val (50 of 50,000) vs SUN (7 of 10,000)"]
+  # prepare's manifests carry the expected size
+  data.write_manifest(sets["near"], str(tmp_path / "near.jsonl"))
+  assert data.read_manifest(str(tmp_path / "near.jsonl")).expected == 3

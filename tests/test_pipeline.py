@@ -58,6 +58,21 @@ def test_every_stage_and_the_report(demo_run):
   assert "| SynOOD |" in report and "| NegLabel |" in report and "report_grid.png" in report
   assert os.path.exists(os.path.join(workdir, "report_grid.png"))
   assert os.path.exists(os.path.join(workdir, "eval", "plots", "roc_synthetic_heldout.png"))
+  # what ran: random models, m, r, K; the health counts; every class in the grid; the loss curves and
+  # the histograms linked; a baseline beating the tuned model said plainly (issue 11, item 10)
+  c = demo_config()
+  assert "**Models: the demo's tiny random models**" in report
+  assert f"target m = {c.synthesis.target}, step size r = {c.synthesis.step_size}, K = {c.synthesis.iterations}" in report
+  statuses = infos["synthesis"]["status"]
+  assert sum(statuses.values()) == 32 and f"32 synthetic images: ok {statuses['ok']}" in report
+  assert "12 pairs covering all 4 classes" in report
+  assert "![loss curves](report_losses.png)" in report and os.path.exists(os.path.join(workdir, "report_losses.png"))
+  assert "[SynOOD score histogram](eval/plots/hist_synood.png)" in report
+  results = json.load(open(os.path.join(workdir, "eval", "results.json")))
+  auroc = lambda m, s: results["methods"][m]["id_positive"][s]["auroc"]
+  beaten = any(auroc(m, s) > auroc("synood", s) for m in results["methods"] for s in results["ood_sets"] + ["average"])
+  assert ("A baseline beats the tuned model" in report) == beaten
+  assert json.load(open(os.path.join(workdir, "config.json")))["synthesis"]["target"] == c.synthesis.target
   # a rerun skips every finished stage
   start = time.perf_counter()
   again = stages.run(demo_config(), workdir)

@@ -39,6 +39,7 @@ from absl import logging
 
 from synood_jax.data import datasets as data, imagenet as imagenet_classes
 from synood_jax.ood import metrics, report
+from synood_jax.progress import Progress
 
 ScoreFn = Callable[[Any], Any]  # raw image features [n, D] -> scores [n], higher = more ID
 BUILTIN_SCORES = ("mcm", "neglabel")
@@ -185,6 +186,7 @@ def extract_features(bundle, params, dataset: data.Dataset, preprocess: Callable
   loader = data.ImageLoader(dataset, batch_size, preprocess, num_threads=num_threads)
   feats, labels, indices = [], [], []
   start, done = time.perf_counter(), 0
+  progress = Progress(len(dataset), name=f"features {dataset.name}", unit="img", every_secs=10)
   for batch in loader:
     images = batch["image"]
     n = images.shape[0]
@@ -194,6 +196,10 @@ def extract_features(bundle, params, dataset: data.Dataset, preprocess: Callable
     feats.append(f)
     labels.append(batch["label"])
     indices.append(batch["index"])
+    if done == 0:
+      progress.restart(done=n)  # the first batch compiled: the pace counts from its end
+    else:
+      progress.update(n)
     done += n
   if not feats:
     raise data.DataError(f"{dataset.name}: no readable image among {len(dataset)} records")
@@ -444,12 +450,14 @@ def evaluate(workdir: str, sets: Mapping[str, data.Dataset | Features], id_set: 
   all_scores = {m: {name: _chunked(lambda x, fn=fn: fn(jnp.asarray(x)), f.features, options.score_batch_size)
                     for name, f in feats.items()} for m, fn in fns.items()}
 
+  id_feats = _in_label_space(sets[id_set], feats[id_set], classnames)
   results = {
       "header": _header(clip, classnames, names, templates, method_templates, negatives, options, feats,
                         id_set, ood_names, mesh),
       "id_set": id_set, "ood_sets": ood_names, "conventions": list(options.fpr95_rules),
+      "counts": set_counts(sets, feats),
       "methods": compute_metrics(all_scores, id_set, ood_names, options.fpr95_rules),
-      "id_accuracy": {m: _id_accuracy(feats[id_set], t) for m, t in texts.items()},
+      "id_accuracy": {m: _id_accuracy(id_feats, t) for m, t in texts.items()},
       "failures": {name: f.failures for name, f in feats.items()},
       "cache": {name: f.cache_path for name, f in feats.items()},
   }
@@ -461,7 +469,7 @@ def evaluate(workdir: str, sets: Mapping[str, data.Dataset | Features], id_set: 
   np.savez(os.path.join(workdir, "text_features.npz"), **{f"id_text/{m}": t for m, t in texts.items()},
            neg_text=np.zeros((0, 0), np.float32) if negatives is None else negatives.features)
   if options.plots:
-    report.write_plots(all_scores, id_set, ood_names, os.path.join(workdir, "plots"))
+    report.write_plots(all_scores, id_set, ood_names, os.path.join(workdir, "plots"), counts=results["counts"])
   logging.info("results:\n%s", report.metrics_table(results, results["conventions"][0]))
   return results
 
@@ -561,6 +569,37 @@ def _describe_classnames(source) -> str:
     return (f"builtin '{source}': CLIP's cleaned ImageNet-1k names "
             "(openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb), as MCM / NegLabel use")
   return f"`{os.path.abspath(source)}`"
+
+
+def set_counts(sets: Mapping[str, data.Dataset | Features], feats: Mapping[str, Features]) -> dict:
+  """{set: {found, listed, expected}}: images scored, records listed, images the full set has (by its
+  manifest or benchmark name; None if unknown). found < expected marks a partial set everywhere."""
+  from synood_jax.data import prepare
+  out = {}
+  for name, f in feats.items():
+    ds = sets[name]
+    listed = len(ds) if isinstance(ds, data.Dataset) else int(f.features.shape[0])
+    expected = prepare.expected_images(name, ds) if isinstance(ds, data.Dataset) else None
+    out[name] = {"found": int(f.features.shape[0]), "listed": listed, "expected": expected}
+    if expected and out[name]["found"] < expected:
+      logging.warning("%s: a partial set (%d of %d images); its numbers are shown as such", name,
+                      out[name]["found"], expected)
+  return out
+
+
+def _in_label_space(ds, f: Features, classnames) -> Features:
+  """The ID features with labels as indices of the class names, by each class folder's name (a wnid,
+  or the name itself; `imagenet.class_index`), not by its position among the set's folders: a subset
+  of ImageNet val keeps ImageNet's labels. Unchanged when the set has no class folders."""
+  if not isinstance(ds, data.Dataset) or not ds.classes or classnames is None or f.labels.size == 0:
+    return f
+  try:
+    index = imagenet_classes.class_index(ds.classes, classnames).index
+  except ValueError as e:
+    logging.warning("%s: class folders do not match the class names (%s); no ID accuracy", ds.name, e)
+    return dataclasses.replace(f, labels=np.full_like(f.labels, -1))
+  lookup = np.asarray([index[c] for c in ds.classes])
+  return dataclasses.replace(f, labels=np.where(f.labels >= 0, lookup[np.maximum(f.labels, 0)], -1))
 
 
 def _id_accuracy(f: Features, id_text: np.ndarray) -> float | None:

@@ -13,8 +13,11 @@
   stage3_negatives/            stage `stage3`: checkpoints/, features/, tuned_negatives.npy
   export/                      stage `export`: the tuned model
   eval/                        stage `evaluate`: results.json, results.md, plots/, cache/
-  report.md, report_grid.png   stage `report`
-  done/<stage>.json            written last by each stage; a rerun skips the stage
+  report.md, report_grid.png, report_losses.png   stage `report`
+  config.json                  the full resolved config of the latest run
+  started/<stage>.json         the stage's fingerprint when it started (a killed stage resumes only if equal)
+  done/<stage>.json            written last by each stage, with its fingerprint; a rerun skips the stage
+                               while the config fields it reads (and its inputs) are unchanged
 """
 from __future__ import annotations
 
@@ -36,6 +39,11 @@ class Workdir:
 
   def done(self, stage: str) -> str:
     return self.path("done", f"{stage}.json")
+
+  def started(self, stage: str) -> str:
+    return self.path("started", f"{stage}.json")
+
+  config = _at("config.json")
 
   # Inputs the demo makes.
   models = _at("models")
@@ -62,3 +70,4 @@ class Workdir:
   results_md = _at("eval", "results.md")
   report = _at("report.md")
   report_grid = _at("report_grid.png")
+  report_losses = _at("report_losses.png")

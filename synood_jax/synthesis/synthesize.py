@@ -6,7 +6,9 @@ Writes `<out>/<class>/<name>_ood.png` and `<out>/manifest.jsonl`. Resumable: a P
 before its manifest line, a rerun skips sources with both, and the finished manifest is rewritten in
 source order, so a run killed at any moment and rerun equals an uninterrupted one. Each image's noise
 comes from (seed, source id), never from its place in a batch, so the device count and batch
-composition do not change the result.
+composition do not change the result. Each record has a health `status` (`health.py`: ok, nonfinite,
+degenerate, in_distribution); the run stops with the counts and the likely cause once too many images
+cannot be ok. An unreadable source is skipped with a warning naming it.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from PIL import Image
 
 from synood_jax import parallel, runtime
 from synood_jax.jsonl import read_jsonl
-from synood_jax.synthesis import refinement
+from synood_jax.synthesis import health, refinement
 from synood_jax.diffusion import inpaint, schedulers
 from synood_jax.models import vae as vae_lib
 from synood_jax.progress import Progress
@@ -45,6 +47,20 @@ def load_source_image(path: str, size: int) -> np.ndarray:
   with Image.open(path) as im:
     im = im.convert("RGB").resize((size, size), Image.BICUBIC)
     return np.asarray(im, np.float32) / 127.5 - 1.0
+
+
+def _load_images(chunk: Sequence[tuple[dict, str]], root: str, size: int):
+  """(images, the rows of `chunk` that could be read); an unreadable source is skipped with a warning
+  naming it (the stage counts the sources missing from the manifest)."""
+  images, kept = [], []
+  for rec, prompt in chunk:
+    path = os.path.join(root, rec["path"])
+    try:
+      images.append(load_source_image(path, size))
+      kept.append((rec, prompt))
+    except Exception as e:  # noqa: BLE001  PIL raises OSError, UnidentifiedImageError, SyntaxError...
+      logging.warning("synthesis: skipping unreadable source %s (%s: %s)", path, type(e).__name__, e)
+  return images, kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +158,16 @@ def _rewrite_manifest(path: str, records: dict[str, dict], order: Sequence[str])
   os.replace(tmp, path)
 
 
+def _global_counts(statuses) -> dict[str, int]:
+  """Status counts over every process (each process judges the same numbers, so all stop together)."""
+  c = health.counts(statuses)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    total = np.sum(multihost_utils.process_allgather(np.array([c[s] for s in health.STATUSES])), axis=0)
+    c = {s: int(v) for s, v in zip(health.STATUSES, total)}
+  return c
+
+
 def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, source_root: str,
                sources: Sequence[dict], prompts: Sequence[str], mesh) -> list[dict]:
   """Synthesize one image per source (with prompt) into out_dir; returns the manifest records.
@@ -182,13 +208,15 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
   step_fn = jitted_batch_fn(pipe, refine_cfg, config.steps, config.get("decode_chunk") or None, logits_fn)
   progress = Progress(total=len(mine), initial=len(mine) - len(todo), name="synthesis", unit="img",
                       every_secs=config.get("log_every_secs", 30))
+  monitor = health.Monitor(config, len(sources), manifest_path, [health.status_of(r) for r in done.values()])
+  monitor.check(c=_global_counts(monitor.statuses))  # a resumed run that already failed stops at once
   with open(manifest_path, "a") as manifest:
     for b in range(n_batches):
-      chunk = todo[b * local_batch:(b + 1) * local_batch]
+      images, chunk = _load_images(todo[b * local_batch:(b + 1) * local_batch], source_root, config.image_size)
       n_real = len(chunk)
-      if n_real == 0:
-        chunk = mine[:1]  # an idle process still takes part in the collective with a dummy row
-      images = np.stack([load_source_image(os.path.join(source_root, r["path"]), config.image_size) for r, _ in chunk])
+      if n_real == 0:  # an idle process (or a batch of unreadable files) takes part with a dummy row
+        chunk, images = mine[:1], [np.zeros((config.image_size, config.image_size, 3), np.float32)]
+      images = np.stack(images)
       ids = np.array([source_id(r["path"]) for r, _ in chunk], np.int32)
       prompt_ids = np.asarray(pipe.tokenize([p for _, p in chunk]))
       (images, _), (ids, _), (prompt_ids, _) = (parallel.pad_batch(x, local_batch)
@@ -198,23 +226,29 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
               jnp.uint32(config.seed))
       if b == 0:  # compile once, timed apart from the run; every batch has these shapes
         step_fn = runtime.compile_ahead(step_fn, *args, what="synthesis: compile")
-      out, scores, losses, _ = step_fn(*args)
-      out, scores, losses = parallel.to_host((out, scores, losses))
+        progress.restart()  # items/s and the ETA count from here, not from before the compile
+      out, scores, losses, _, steps_finite = step_fn(*args)
+      out, scores, losses, steps_finite = parallel.to_host((out, scores, losses, steps_finite))
       offset = jax.process_index() * local_batch if jax.process_count() > 1 else 0
+      rows = slice(offset, offset + n_real)
+      statuses = health.classify_batch(out[rows], scores[:, rows], steps_finite[rows], target=config.target,
+                                       band=config.band, min_pixel_std=config.get("min_pixel_std", 0.01))
       for j in range(n_real):
         rec, prompt = chunk[j]
-        pixels = np.round(out[offset + j] * 255).astype(np.uint8)
+        pixels = np.round(np.nan_to_num(out[offset + j]) * 255).astype(np.uint8)
         s = [float(v) for v in scores[:, offset + j]]
         entry = {"source": rec["path"], "class_name": rec["class_name"], "class_index": rec["class_index"],
                  "output": output_relpath(rec), "prompt": prompt, "seed": int(config.seed),
                  "source_id": int(ids[j]), "scores": s, "losses": [float(v) for v in losses[:, offset + j]],
                  "in_band": abs(s[-1] - config.target) <= config.band,
-                 "stayed_in_distribution": s[-1] < config.target - config.band}
+                 "stayed_in_distribution": s[-1] < config.target - config.band, "status": statuses[j]}
         _atomic_png(pixels, os.path.join(out_dir, entry["output"]))
         manifest.write(json.dumps(entry, sort_keys=True) + "\n")
         manifest.flush()
         done[rec["path"]] = entry
-        progress.update()
+      progress.update(n_real, extra=", ".join(f"{k} {v}" for k, v in health.counts(statuses).items() if v))
+      monitor.add(statuses)
+      monitor.check(c=_global_counts(monitor.statuses))
   _rewrite_manifest(manifest_path, done, [r["path"] for r, _ in mine])
   if jax.process_count() > 1:  # one manifest.jsonl in source order, as a single-host run writes
     from jax.experimental import multihost_utils
@@ -225,4 +259,5 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
         merged.update(read_manifest(os.path.join(out_dir, f"manifest.{i}.jsonl")))
       _rewrite_manifest(os.path.join(out_dir, "manifest.jsonl"), merged, [r["path"] for r in sources])
     multihost_utils.sync_global_devices("synthesis manifest merged")
+  monitor.check(final=True, c=_global_counts(monitor.statuses))  # also when a rerun had nothing to do
   return [done[r["path"]] for r, _ in mine if r["path"] in done]
