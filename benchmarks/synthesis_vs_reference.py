@@ -147,7 +147,7 @@ def main(argv):
 
   def run_ours():
     prompt_ids = np.asarray(pipe.tokenize(prompts))
-    out, scores, losses, _ = step_fn(params, sources, ids, prompt_ids, negative_ids, masked, first_index,
+    out, scores, losses, _, _ = step_fn(params, sources, ids, prompt_ids, negative_ids, masked, first_index,
                                      jnp.float32(FLAGS.guidance), jnp.uint32(0))
     return jax.device_get((out, scores, losses))
 

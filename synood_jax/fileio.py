@@ -152,6 +152,15 @@ def makedirs(p: str | os.PathLike) -> None:
   epath.Path(p).mkdir(parents=True, exist_ok=True)
 
 
+def remove(p: str | os.PathLike) -> None:
+  """Delete a file or a folder tree, if there."""
+  target = epath.Path(p)
+  if target.is_dir():
+    target.rmtree()
+  elif target.exists():
+    target.unlink()
+
+
 def remove_temp_files(folder: str | os.PathLike) -> list[str]:
   """Delete the temporary files killed writers left under `folder` (call it from one process while
   no other writes there, e.g. between barriers). Returns what it removed."""

@@ -110,6 +110,16 @@ def shard_params(params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   return jax.device_put(params, param_shardings(params, mesh, rules))
 
 
+def place_params(params: Any, mesh: Mesh) -> Any:
+  """Params already placed on `mesh` (replicated or FSDP-sharded) stay; anything else is replicated."""
+  def place(x):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+      return x
+    return jax.device_put(x, replicated(mesh))
+  return jax.tree_util.tree_map(place, params)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

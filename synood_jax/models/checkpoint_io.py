@@ -39,7 +39,7 @@ def write_config(folder: str, config: Mapping[str, Any], name: str = "config.jso
   fileio.write_json(os.path.join(folder, name), dict(config), indent=2, sort_keys=True)
 
 
-def _weight_files(folder: str) -> list[str]:
+def weight_files(folder: str) -> list[str]:
   """The weight files of a folder: one known name, or every shard named by an index file."""
   for index_name in ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json",
                      "pytorch_model.bin.index.json", "diffusion_pytorch_model.bin.index.json"):
@@ -56,7 +56,7 @@ def _weight_files(folder: str) -> list[str]:
 
 def load_state_dict(folder: str) -> tuple[dict[str, np.ndarray], str]:
   """PyTorch state dict of a folder as float32 numpy arrays, and the file(s) it came from."""
-  files = _weight_files(folder)
+  files = weight_files(folder)
   state: dict[str, np.ndarray] = {}
   for path in files:
     if path.endswith(".safetensors"):

@@ -6,14 +6,18 @@
   sources.jsonl                stage `sources`
   synthesis/                   stage `synthesis`: <class>/<name>_ood.<ext> + manifest.jsonl
   synthesis_heldout/           the demo's synthetic images from held-out ID images
-  negative_labels.json         stage `negatives`
-  pseudo_labels.json, features.npz, classnames.txt    stage `features`
+  negative_labels.json         stage `negatives`: the labels (and where they came from)
+  negative_features.npz        stage `negatives`: their text features, the run's only encoding of them
+  pseudo_labels.json, features.npz                    stage `features`
   stage2_projection/           stage `stage2`: checkpoints/, metrics.jsonl, run.json, projection.npz
   stage3_negatives/            stage `stage3`: checkpoints/, features/, tuned_negatives.npy
   export/                      stage `export`: the tuned model
   eval/                        stage `evaluate`: results.json, results.md, plots/, cache/
-  report.md, report_grid.png   stage `report`
-  done/<stage>.json            written last by each stage; a rerun skips the stage
+  report.md, report_grid.png, report_losses.png   stage `report`
+  config.json                  the full resolved config of the latest run
+  started/<stage>.json         the stage's fingerprint when it started (a killed stage resumes only if equal)
+  done/<stage>.json            written last by each stage, with its fingerprint; a rerun skips the stage
+                               while the config fields it reads (and its inputs) are unchanged
 
 The root may be a local or shared disk, or an object store URL (gs://bucket/run, where a GCS filesystem
 for etils.epath is installed: gcsfs or tensorflow). Paths stay strings joined here; every read and
@@ -40,6 +44,11 @@ class Workdir:
   def done(self, stage: str) -> str:
     return self.path("done", f"{stage}.json")
 
+  def started(self, stage: str) -> str:
+    return self.path("started", f"{stage}.json")
+
+  config = _at("config.json")
+
   # Inputs the demo makes.
   models = _at("models")
   demo_clip = _at("models", "clip")
@@ -52,9 +61,9 @@ class Workdir:
   synthesis_manifest = _at("synthesis", "manifest.jsonl")
   synthesis_heldout = _at("synthesis_heldout")
   negative_labels = _at("negative_labels.json")
+  negative_features = _at("negative_features.npz")
   pseudo_labels = _at("pseudo_labels.json")
   features = _at("features.npz")
-  classnames = _at("classnames.txt")
   stage2 = _at("stage2_projection")
   projection = _at("stage2_projection", "projection.npz")
   stage3 = _at("stage3_negatives")
@@ -65,3 +74,4 @@ class Workdir:
   results_md = _at("eval", "results.md")
   report = _at("report.md")
   report_grid = _at("report_grid.png")
+  report_losses = _at("report_losses.png")

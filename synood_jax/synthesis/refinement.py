@@ -15,6 +15,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from synood_jax.synthesis import health
+
 LOSSES = ("squared", "hinge", "msp_kl")
 GRAD_MODES = ("skip", "exact")
 
@@ -83,14 +85,16 @@ def refine(cfg: RefineConfig,
            decode_fn: Callable,   # (params, z0) -> images in [0, 1], NHWC
            logits_fn: Callable,   # (params, images) -> logits [B, C]
            params, eps: jax.Array):
-  """K refinement iterations. Returns (images of the last iteration, scores [K, B], losses [K, B], eps).
+  """K refinement iterations. Returns (images of the last iteration, scores [K, B], losses [K, B], eps,
+  steps_finite [B]).
 
   The update after the last iteration is never used (the official code computes it anyway), so it
-  is skipped.
+  is skipped. An image whose update is non-finite keeps its last finite eps; steps_finite marks it.
   """
   scale = cfg.step_size / cfg.reference_batch
 
-  def iteration(eps, _):
+  def iteration(carry, _):
+    eps, finite = carry
     if cfg.grad_mode == "skip":
       z0 = jax.lax.stop_gradient(sample_fn(params, noise_fn(eps)))
       grad, loss, s = skip_gradient(cfg, decode_fn, logits_fn, params, z0)
@@ -98,11 +102,13 @@ def refine(cfg: RefineConfig,
       (_, (loss, s)), grad = jax.value_and_grad(
           lambda e: image_loss(cfg, decode_fn, logits_fn, params, sample_fn(params, noise_fn(e))),
           has_aux=True)(eps)
-    return eps - scale * grad.astype(eps.dtype), (loss, s)
+    eps, ok = health.finite_step(eps, eps - scale * grad.astype(eps.dtype))
+    return (eps, finite & ok), (loss, s)
 
-  eps, (losses, scores) = jax.lax.scan(iteration, eps, None, length=cfg.iterations - 1)
+  (eps, finite), (losses, scores) = jax.lax.scan(
+      iteration, (eps, jnp.ones(eps.shape[:1], bool)), None, length=cfg.iterations - 1)
   images = decode_fn(params, sample_fn(params, noise_fn(eps)))
   logits = logits_fn(params, images)
   last_loss = boundary_loss(logits, cfg.loss, cfg.target)[None]
   last_score = boundary_score(logits)[None]
-  return (images, jnp.concatenate([scores, last_score]), jnp.concatenate([losses, last_loss]), eps)
+  return (images, jnp.concatenate([scores, last_score]), jnp.concatenate([losses, last_loss]), eps, finite)

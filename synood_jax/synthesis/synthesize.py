@@ -8,6 +8,9 @@ source order, so a run killed at any moment and rerun equals an uninterrupted on
 comes from (seed, source id), never from its place in a batch, so the device count and batch
 composition do not change the result. Several processes share the work (`synthesize`); a run killed
 with one process count resumes with another, since the resume state is the union of every manifest.
+Each record has a health `status` (`health.py`: ok, nonfinite, degenerate, in_distribution); the run
+stops with the counts and the likely cause once too many images cannot be ok. An unreadable source is
+skipped with a warning naming it.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from PIL import Image
 
 from synood_jax import fileio, parallel, runtime
 from synood_jax.jsonl import read_jsonl
-from synood_jax.synthesis import refinement
+from synood_jax.synthesis import health, refinement
 from synood_jax.diffusion import inpaint, schedulers
 from synood_jax.models import vae as vae_lib
 from synood_jax.progress import Progress
@@ -46,6 +49,20 @@ def load_source_image(path: str, size: int) -> np.ndarray:
   with Image.open(path) as im:
     im = im.convert("RGB").resize((size, size), Image.BICUBIC)
     return np.asarray(im, np.float32) / 127.5 - 1.0
+
+
+def _load_images(chunk: Sequence[tuple[dict, str]], root: str, size: int):
+  """(images, the rows of `chunk` that could be read); an unreadable source is skipped with a warning
+  naming it (the stage counts the sources missing from the manifest)."""
+  images, kept = [], []
+  for rec, prompt in chunk:
+    path = os.path.join(root, rec["path"])
+    try:
+      images.append(load_source_image(path, size))
+      kept.append((rec, prompt))
+    except Exception as e:  # noqa: BLE001  PIL raises OSError, UnidentifiedImageError, SyntaxError...
+      logging.warning("synthesis: skipping unreadable source %s (%s: %s)", path, type(e).__name__, e)
+  return images, kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +173,16 @@ def _write_png(pixels: np.ndarray, path: str) -> None:
   fileio.atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"), per_process=True)
 
 
+def _global_counts(statuses) -> dict[str, int]:
+  """Status counts over every process (each process judges the same numbers, so all stop together)."""
+  c = health.counts(statuses)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    total = np.sum(multihost_utils.process_allgather(np.array([c[s] for s in health.STATUSES])), axis=0)
+    c = {s: int(v) for s, v in zip(health.STATUSES, total)}
+  return c
+
+
 def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, source_root: str,
                sources: Sequence[dict], prompts: Sequence[str], mesh) -> list[dict]:
   """Synthesize one image per source (with prompt) into out_dir; returns every source's manifest record
@@ -180,47 +207,53 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
   logging.info("synthesis: %d sources, %d done, %d to go (%d for process %d)", len(sources), len(done),
                len(todo), len(mine), me)
 
-  refine_cfg = refinement.RefineConfig(
-      iterations=config.iterations, step_size=config.step_size, target=config.target,
-      loss=config.loss, grad_mode=config.grad_mode, reference_batch=config.get("reference_batch", 1))
-  first_index = jnp.int32(inpaint.start_index(pipe.scheduler, config.steps, config.strength))
-
   local_batch = config.batch_size // nproc
   multiple = parallel.batch_size_multiple(mesh) // nproc
   if config.batch_size % nproc or local_batch % max(multiple, 1):
     raise ValueError(f"synthesis.batch_size {config.batch_size} is not a multiple of the "
                      f"{parallel.batch_size_multiple(mesh)} devices")
+  # Statuses so far: the finished images counted once (on process 0), each new one by its process.
+  monitor = health.Monitor(config, len(sources), manifest_path,
+                           [health.status_of(r) for r in done.values()] if me == 0 else [])
+  monitor.check(c=_global_counts(monitor.statuses))  # a resumed run that already failed stops at once
   # The same on every process (each has ceil or floor of len(todo) / nproc sources): every process
   # runs the same number of collective steps.
   n_batches = -(-(-(-len(todo) // nproc)) // local_batch)
   if n_batches:
     own_manifest = manifest_path if nproc == 1 else process_manifest(out_dir, me)
-    _synthesize_batches(config, out_dir, pipe, params, logits_fn, source_root, mine, todo[0], refine_cfg,
-                        first_index, local_batch, n_batches, own_manifest, mesh)
+    _synthesize_batches(config, out_dir, pipe, params, logits_fn, source_root, mine, todo[0], local_batch,
+                        n_batches, own_manifest, monitor, mesh)
   runtime.barrier(f"synthesis {out_dir}: every process finished")
   if fileio.is_writer():
     consolidate(out_dir, order)
   runtime.barrier(f"synthesis {out_dir}: manifest merged")
+  monitor.check(final=True, c=_global_counts(monitor.statuses))  # also when a rerun had nothing to do
   merged = read_manifest(manifest_path)
   return [merged[s] for s in order if s in merged]
 
 
 def _synthesize_batches(config, out_dir: str, pipe, params: dict, logits_fn: Callable, source_root: str,
-                        mine: Sequence[tuple[dict, str]], filler: tuple[dict, str], refine_cfg, first_index,
-                        local_batch: int, n_batches: int, own_manifest: str, mesh) -> None:
-  """This process's sources, `local_batch` rows of each global batch; `filler` pads a process with
-  fewer (or no) sources left, so that it still takes part in every collective step."""
+                        mine: Sequence[tuple[dict, str]], filler: tuple[dict, str], local_batch: int,
+                        n_batches: int, own_manifest: str, monitor: health.Monitor, mesh) -> None:
+  """This process's sources, `local_batch` rows of each global batch; `filler` stands in (a blank
+  image) for a process with fewer (or no readable) sources left, so that it still takes part in
+  every collective step."""
+  refine_cfg = refinement.RefineConfig(
+      iterations=config.iterations, step_size=config.step_size, target=config.target,
+      loss=config.loss, grad_mode=config.grad_mode, reference_batch=config.get("reference_batch", 1))
+  first_index = jnp.int32(inpaint.start_index(pipe.scheduler, config.steps, config.strength))
   negative_ids = jnp.asarray(pipe.tokenize([""]))
   masked = masked_image_latents(pipe, params["vae"], config.image_size)
   step_fn = jitted_batch_fn(pipe, refine_cfg, config.steps, config.get("decode_chunk") or None, logits_fn)
   progress = Progress(total=len(mine), name="synthesis", unit="img", every_secs=config.get("log_every_secs", 30))
-  offset = jax.process_index() * local_batch  # this process's rows of the global batch (devices are ordered by process)
+  offset = jax.process_index() * local_batch  # this process's rows of the global batch (parallel.make_mesh)
   with fileio.LineLog(own_manifest, per_process=jax.process_count() > 1) as manifest:
     for b in range(n_batches):
-      chunk = list(mine[b * local_batch:(b + 1) * local_batch])
+      images, chunk = _load_images(mine[b * local_batch:(b + 1) * local_batch], source_root, config.image_size)
       n_real = len(chunk)
-      chunk = chunk or [filler]
-      images = np.stack([load_source_image(os.path.join(source_root, r["path"]), config.image_size) for r, _ in chunk])
+      if n_real == 0:
+        chunk, images = [filler], [np.zeros((config.image_size, config.image_size, 3), np.float32)]
+      images = np.stack(images)
       ids = np.array([source_id(r["path"]) for r, _ in chunk], np.int32)
       prompt_ids = np.asarray(pipe.tokenize([p for _, p in chunk]))
       (images, _), (ids, _), (prompt_ids, _) = (parallel.pad_batch(x, local_batch)
@@ -230,19 +263,25 @@ def _synthesize_batches(config, out_dir: str, pipe, params: dict, logits_fn: Cal
               jnp.uint32(config.seed))
       if b == 0:  # compile once, timed apart from the run; every batch has these shapes
         step_fn = runtime.compile_ahead(step_fn, *args, what="synthesis: compile")
-      out, scores, losses, _ = step_fn(*args)
-      out, scores, losses = parallel.to_host((out, scores, losses))
+        progress.restart()  # items/s and the ETA count from here, not from before the compile
+      out, scores, losses, _, steps_finite = step_fn(*args)
+      out, scores, losses, steps_finite = parallel.to_host((out, scores, losses, steps_finite))
+      rows = slice(offset, offset + n_real)
+      statuses = health.classify_batch(out[rows], scores[:, rows], steps_finite[rows], target=config.target,
+                                       band=config.band, min_pixel_std=config.get("min_pixel_std", 0.01))
       for j in range(n_real):
         rec, prompt = chunk[j]
         row = offset + j
-        pixels = np.round(out[row] * 255).astype(np.uint8)
+        pixels = np.round(np.nan_to_num(out[row]) * 255).astype(np.uint8)
         s = [float(v) for v in scores[:, row]]
         entry = {"source": rec["path"], "class_name": rec["class_name"], "class_index": rec["class_index"],
                  "output": output_relpath(rec), "prompt": prompt, "seed": int(config.seed),
                  "source_id": int(ids[j]), "scores": s, "losses": [float(v) for v in losses[:, row]],
                  "in_band": abs(s[-1] - config.target) <= config.band,
-                 "stayed_in_distribution": s[-1] < config.target - config.band}
+                 "stayed_in_distribution": s[-1] < config.target - config.band, "status": statuses[j]}
         _write_png(pixels, os.path.join(out_dir, entry["output"]))  # the PNG before its manifest line
         manifest.write(json.dumps(entry, sort_keys=True) + "\n")
-        progress.update()
       manifest.flush()  # on an object store: the manifest so far, once a batch
+      progress.update(n_real, extra=", ".join(f"{k} {v}" for k, v in health.counts(statuses).items() if v))
+      monitor.add(statuses)
+      monitor.check(c=_global_counts(monitor.statuses))

@@ -256,6 +256,9 @@ def train(config, *, name: str, params, tx, loss_fn: Callable, features: np.ndar
       batch = parallel.global_batch(
           {"x": features[idx], "y": labels[idx].astype(np.int32), "mask": mask}, mesh)
       state, metrics = train_step(state, consts, batch)
+      if step == start:  # the first step compiled: steps/s and the ETA count from its end
+        jax.block_until_ready(metrics)
+        progress.restart()
       if pending is not None:  # write the previous step's metrics while this one runs
         flush(pending)
         pending = None
