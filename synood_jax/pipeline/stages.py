@@ -183,7 +183,8 @@ def stage_synthesis(ctx: Context) -> dict:
   root = data_roots(ctx.config, ctx.wd)
   made = _synthesize(ctx, _records(ctx.wd.sources), root["train"],
                      ctx.wd.synthesis)
-  info = {"images": len(made), "flagged_in_distribution": sum(m["stayed_in_distribution"] for m in made)}
+  info = {"images": len(made), "flagged_in_distribution": sum(m["stayed_in_distribution"] for m in made),
+          "procedure_version": synthesis.PROCEDURE_VERSION}
   if ctx.config.data.get("generate"):
     held = sources.select_sources(root["val"], per_class=10**6).records
     info["heldout_images"] = len(_synthesize(ctx, [dataclasses.asdict(r) for r in held], root["val"],

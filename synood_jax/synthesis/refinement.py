@@ -1,7 +1,13 @@
 """Boundary refinement of the in-painting noise (SynOOD stage 1, the energy-gradient loop).
 
-s = mean(g) - logsumexp(g);  L = (m - s)^2;  eps <- eps - r * dL/dz0   (skip gradient, official)
-                                              eps <- eps - r * dL/deps  (exact, through the sampler)
+s = mean(g) - logsumexp(g);  L = sum_b (m - s_b)^2 / B_ref;  u = z0 / scaling_factor (the decoder's input)
+  eps <- eps - r * dL/du                   (skip gradient: the official update)
+  eps <- eps - r * (dz0/deps)^T dL/du      (exact: the skip's identity replaced by the sampler's Jacobian)
+
+The official script divides the sampled latents by the VAE's scaling factor *before* it asks for their
+gradient, so its update is dL/du = scaling_factor * dL/dz0; `r` here has the official meaning (r = 10
+reproduces the paper). The exact mode pulls the same dL/du back through the sampler, so the two modes
+differ only by that Jacobian.
 
 One jitted program per batch runs all K iterations: restart from add_noise(z_in, eps, t0), sample to z0,
 decode, classify, update eps. Every function here is pure over explicit param pytrees; the models come
@@ -63,24 +69,25 @@ class RefineConfig:
       raise ValueError(f"refinement.iterations must be >= 1, got {self.iterations}")
 
 
-def image_loss(cfg: RefineConfig, decode_fn: Callable, logits_fn: Callable, params, z0):
-  """(sum over the batch of per-image losses, (per-image losses, scores)) of clean latents z0."""
-  logits = logits_fn(params, decode_fn(params, z0))
+def image_loss(cfg: RefineConfig, decode_fn: Callable, logits_fn: Callable, params, u):
+  """(sum over the batch of per-image losses, (per-image losses, scores)) of decoder inputs u."""
+  logits = logits_fn(params, decode_fn(params, u))
   per_image = boundary_loss(logits, cfg.loss, cfg.target)
   return jnp.sum(per_image), (per_image, boundary_score(logits))
 
 
-def skip_gradient(cfg: RefineConfig, decode_fn: Callable, logits_fn: Callable, params, z0):
-  """dL/dz0 (the official update direction), with the per-image losses and scores."""
+def skip_gradient(cfg: RefineConfig, decode_fn: Callable, logits_fn: Callable, params, u):
+  """dL/du at the decoder's input u (the official update direction), with per-image losses and scores."""
   (_, (loss, s)), grad = jax.value_and_grad(
-      lambda z: image_loss(cfg, decode_fn, logits_fn, params, z), has_aux=True)(z0)
+      lambda x: image_loss(cfg, decode_fn, logits_fn, params, x), has_aux=True)(u)
   return grad, loss, s
 
 
 def refine(cfg: RefineConfig,
            noise_fn: Callable,    # eps -> z_t = add_noise(z_in, eps, t0)
-           sample_fn: Callable,   # (params, z_t) -> z0
-           decode_fn: Callable,   # (params, z0) -> images in [0, 1], NHWC
+           sample_fn: Callable,   # (params, z_t) -> z0 (scaled latents)
+           input_fn: Callable,    # z0 -> u, the decoder's input (z0 / scaling_factor)
+           decode_fn: Callable,   # (params, u) -> images in [0, 1], NHWC
            logits_fn: Callable,   # (params, images) -> logits [B, C]
            params, eps: jax.Array):
   """K refinement iterations. Returns (images of the last iteration, scores [K, B], losses [K, B], eps).
@@ -93,15 +100,15 @@ def refine(cfg: RefineConfig,
   def iteration(eps, _):
     if cfg.grad_mode == "skip":
       z0 = jax.lax.stop_gradient(sample_fn(params, noise_fn(eps)))
-      grad, loss, s = skip_gradient(cfg, decode_fn, logits_fn, params, z0)
+      grad, loss, s = skip_gradient(cfg, decode_fn, logits_fn, params, input_fn(z0))
     else:
-      (_, (loss, s)), grad = jax.value_and_grad(
-          lambda e: image_loss(cfg, decode_fn, logits_fn, params, sample_fn(params, noise_fn(e))),
-          has_aux=True)(eps)
+      z0, pullback = jax.vjp(lambda e: sample_fn(params, noise_fn(e)), eps)
+      grad_u, loss, s = skip_gradient(cfg, decode_fn, logits_fn, params, input_fn(z0))
+      (grad,) = pullback(grad_u.astype(z0.dtype))
     return eps - scale * grad.astype(eps.dtype), (loss, s)
 
   eps, (losses, scores) = jax.lax.scan(iteration, eps, None, length=cfg.iterations - 1)
-  images = decode_fn(params, sample_fn(params, noise_fn(eps)))
+  images = decode_fn(params, input_fn(sample_fn(params, noise_fn(eps))))
   logits = logits_fn(params, images)
   last_loss = boundary_loss(logits, cfg.loss, cfg.target)[None]
   last_score = boundary_score(logits)[None]

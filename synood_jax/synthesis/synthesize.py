@@ -1,12 +1,14 @@
-"""Near-boundary OOD synthesis (SynOOD stage 1): sources -> in-painting + boundary refinement -> PNGs.
+"""Near-boundary OOD synthesis (SynOOD stage 1): sources -> in-painting + boundary refinement -> images.
 
-x_syn = D(z0),  z0 = Sampler(add_noise(E(x), eps_K, t0), "A photo only remain {context}.")
+x_syn = D(z0 / scaling_factor),  z0 = Sampler(add_noise(E(x), eps_K, t0), "A photo only remain {context}.")
 
-Writes `<out>/<class>/<name>_ood.png` and `<out>/manifest.jsonl`. Resumable: a PNG is written atomically
-before its manifest line, a rerun skips sources with both, and the finished manifest is rewritten in
-source order, so a run killed at any moment and rerun equals an uninterrupted one. Each image's noise
-comes from (seed, source id), never from its place in a batch, so the device count and batch
-composition do not change the result.
+Writes `<out>/<class>/<name>_ood.JPEG` (PIL quality 75, as the official script) or `_ood.png`,
+`<out>/manifest.jsonl` and `<out>/procedure.json`. Resumable: an image is written atomically before its
+manifest line, a rerun skips sources with both, and the finished manifest is rewritten in source order,
+so a run killed at any moment and rerun equals an uninterrupted one. A folder written by another
+procedure (another `PROCEDURE_VERSION` or other output-determining fields) is refused, never resumed.
+Each image's noise comes from (seed, source id), never from its place in a batch, so the device count
+and batch composition do not change the result.
 """
 from __future__ import annotations
 
@@ -34,9 +36,14 @@ def source_id(relpath: str) -> int:
   return zlib.crc32(relpath.replace(os.sep, "/").encode()) & 0x7FFFFFFF
 
 
-def output_relpath(record: dict) -> str:
+# Output files: extension and PIL save arguments. The official script saves `{name}_ood.JPEG` with PIL's
+# default JPEG settings (quality 75, 4:2:0 chroma subsampling).
+IMAGE_FORMATS = {"jpeg": ".JPEG", "png": ".png"}
+
+
+def output_relpath(record: dict, image_format: str = "png") -> str:
   stem = os.path.splitext(os.path.basename(record["path"]))[0]
-  return os.path.join(record["class_name"], f"{stem}_ood.png")
+  return os.path.join(record["class_name"], f"{stem}_ood{IMAGE_FORMATS[image_format]}")
 
 
 def load_source_image(path: str, size: int) -> np.ndarray:
@@ -49,29 +56,31 @@ def load_source_image(path: str, size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # The jitted per-batch program.
 
-def synthesize_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
-                     logits_fn: Callable, params: dict, images: jax.Array, ids: jax.Array,
-                     prompt_ids: jax.Array, negative_ids: jax.Array, masked_latents: jax.Array,
-                     first_index: jax.Array, guidance_scale: jax.Array, seed: jax.Array):
-  """All K refinement iterations for one batch. params: {'unet','vae','text','classifier'}.
-
-  `steps` (the scheduler table length) is static; the strength cut `first_index` and the guidance
-  scale are traced. Each image's posterior sample and noise come from (seed, its source id).
-  """
+def draw_inputs(pipe, vae_params, images: jax.Array, ids: jax.Array, seed: jax.Array):
+  """(z_in, eps): each image's posterior sample of its source, scaled, and its noise, both from
+  (seed, source id)."""
   key = jax.random.key(seed)
   keys = jax.vmap(lambda i: (jax.random.fold_in(jax.random.fold_in(key, 0), i),
                              jax.random.fold_in(jax.random.fold_in(key, 1), i)))
   k_src, k_eps = keys(ids)
-  mean, logvar = pipe.vae_encode(params["vae"], images)
+  mean, logvar = pipe.vae_encode(vae_params, images)
   mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
   z_in = jax.vmap(vae_lib.vae_sample)(mean, logvar, k_src) * pipe.scaling_factor
   eps = jax.vmap(lambda k: jax.random.normal(k, z_in.shape[1:], jnp.float32))(k_eps)
+  return z_in, eps
 
+
+def refine_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
+                 logits_fn: Callable, params: dict, z_in: jax.Array, eps: jax.Array, prompt_ids: jax.Array,
+                 negative_ids: jax.Array, masked_latents: jax.Array, first_index: jax.Array,
+                 guidance_scale: jax.Array):
+  """All K refinement iterations from given source latents z_in and noise eps (`refinement.refine`)."""
   cond = pipe.text_hidden(params["text"], prompt_ids)
   uncond = jnp.broadcast_to(pipe.text_hidden(params["text"], negative_ids), cond.shape)
   mask = jnp.ones(z_in.shape[:-1] + (1,), jnp.float32)
   masked = jnp.broadcast_to(masked_latents, z_in.shape)
   t0 = jnp.asarray(inpaint.timestep_table(pipe.scheduler, steps))[first_index]
+  vae_cfg = pipe.vae.cfg
 
   def noise_fn(e):
     return schedulers.add_noise(pipe.scheduler, z_in, e, jnp.full((e.shape[0],), t0))
@@ -81,13 +90,30 @@ def synthesize_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, deco
                                   guidance_scale, steps, first_index, image_latents=z_in, noise=z_t,
                                   remat=refine_cfg.grad_mode == "exact")
 
-  def decode_fn(p, z0):
-    return inpaint.decode_images(pipe.vae_decode, p["vae"], z0, pipe.scaling_factor, decode_chunk)
+  def input_fn(z0):
+    return inpaint.decoder_input(z0, pipe.scaling_factor, vae_cfg.latents_mean, vae_cfg.latents_std)
+
+  def decode_fn(p, u):
+    return inpaint.decode_unscaled(pipe.vae_decode, p["vae"], u, decode_chunk)
 
   def classify(p, x):
     return logits_fn(p["classifier"], x)
 
-  return refinement.refine(refine_cfg, noise_fn, sample_fn, decode_fn, classify, params, eps)
+  return refinement.refine(refine_cfg, noise_fn, sample_fn, input_fn, decode_fn, classify, params, eps)
+
+
+def synthesize_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
+                     logits_fn: Callable, params: dict, images: jax.Array, ids: jax.Array,
+                     prompt_ids: jax.Array, negative_ids: jax.Array, masked_latents: jax.Array,
+                     first_index: jax.Array, guidance_scale: jax.Array, seed: jax.Array):
+  """All K refinement iterations for one batch. params: {'unet','vae','text','classifier'}.
+
+  `steps` (the scheduler table length) is static; the strength cut `first_index` and the guidance
+  scale are traced. Each image's posterior sample and noise come from (seed, its source id).
+  """
+  z_in, eps = draw_inputs(pipe, params["vae"], images, ids, seed)
+  return refine_batch(pipe, refine_cfg, steps, decode_chunk, logits_fn, params, z_in, eps, prompt_ids,
+                      negative_ids, masked_latents, first_index, guidance_scale)
 
 
 @functools.lru_cache(maxsize=8)
@@ -129,17 +155,73 @@ def read_manifest(path: str) -> dict[str, dict]:
 
 
 def _remove_stale_temp_files(out_dir: str) -> None:
-  """PNGs half-written by a killed process (`*.png.tmp<pid>`) are dropped before a rerun."""
+  """Images half-written by a killed process (`*_ood.<ext>.tmp<pid>`) are dropped before a rerun."""
   for folder, _, files in os.walk(out_dir):
     for f in files:
-      if ".png.tmp" in f:
+      if "_ood." in f and ".tmp" in f:
         os.remove(os.path.join(folder, f))
 
 
-def _atomic_png(pixels: np.ndarray, path: str) -> None:
+def _atomic_image(pixels: np.ndarray, path: str, image_format: str, jpeg_quality: int) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
-  Image.fromarray(pixels).save(tmp, format="PNG")
+  if image_format == "jpeg":
+    Image.fromarray(pixels).save(tmp, format="JPEG", quality=int(jpeg_quality))
+  else:
+    Image.fromarray(pixels).save(tmp, format="PNG")
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The procedure an output folder was written with.
+
+# Bump when the same config gives other images. 2: the update is dL/du at the decoder's input
+# (issue 15; version 1 took dL/dz0, a 1/scaling_factor = 5.49x larger step).
+PROCEDURE_VERSION = 2
+# config.synthesis fields that change an image (batch size, decode chunk and logging do not).
+OUTPUT_FIELDS = ("seed", "image_size", "steps", "strength", "guidance_scale", "scheduler", "iterations",
+                 "step_size", "target", "loss", "grad_mode", "reference_batch", "classifier",
+                 "clip_logit_scale", "resnet_path", "image_format", "jpeg_quality")
+
+
+class StaleSynthesisError(ValueError):
+  """An output folder holds images of another synthesis procedure; the message names what differs."""
+
+
+def procedure(config, pipe) -> dict:
+  """What determines this run's images: the procedure version, the output fields of config, the
+  scheduler actually used and the networks' dtype."""
+  fields = {k: config.get(k) for k in OUTPUT_FIELDS if k in config}
+  fields.setdefault("image_format", "png")
+  out = {"version": PROCEDURE_VERSION, "scheduler_kind": pipe.scheduler.kind,
+         "dtype": jnp.dtype(pipe.unet.dtype).name, "config": fields}
+  return json.loads(json.dumps(out, sort_keys=True))
+
+
+def check_procedure(out_dir: str, expected: dict, manifest_path: str) -> None:
+  """Record `expected` in out_dir/procedure.json, or refuse a folder written by another procedure."""
+  path = os.path.join(out_dir, "procedure.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      found = json.load(f)
+    if found != expected:
+      diff = [f"{k}: {found.get(k)!r} -> {expected.get(k)!r}" for k in sorted(set(found) | set(expected))
+              if k != "config" and found.get(k) != expected.get(k)]
+      fc, ec = found.get("config", {}), expected["config"]
+      diff += [f"config.synthesis.{k}: {fc.get(k)!r} -> {ec.get(k)!r}" for k in sorted(set(fc) | set(ec))
+               if fc.get(k) != ec.get(k)]
+      raise StaleSynthesisError(
+          f"{out_dir}: its images were synthesized by another procedure ({'; '.join(diff)}). "
+          "Delete the folder (or use another workdir) to synthesize them again.")
+    return
+  if read_manifest(manifest_path):
+    raise StaleSynthesisError(
+        f"{out_dir}: {os.path.basename(manifest_path)} lists images but there is no procedure.json: they "
+        f"were written by a version before {PROCEDURE_VERSION} (refinement step 5.49x the official one). "
+        "Delete the folder (or use another workdir) to synthesize them again.")
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(expected, f, indent=1, sort_keys=True)
   os.replace(tmp, path)
 
 
@@ -156,13 +238,18 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
                sources: Sequence[dict], prompts: Sequence[str], mesh) -> list[dict]:
   """Synthesize one image per source (with prompt) into out_dir; returns the manifest records.
 
-  config: image_size, steps, strength, guidance_scale, seed, batch_size (global), band, and the
-  refinement fields iterations, step_size, target, loss, grad_mode, reference_batch.
+  config: image_size, steps, strength, guidance_scale, seed, batch_size (global), band, the
+  refinement fields iterations, step_size, target, loss, grad_mode, reference_batch, and the output
+  format image_format ('jpeg' or 'png'; default 'png') and jpeg_quality.
   """
   os.makedirs(out_dir, exist_ok=True)
   _remove_stale_temp_files(out_dir)
   manifest_path = os.path.join(out_dir, f"manifest.{jax.process_index()}.jsonl"
                                if jax.process_count() > 1 else "manifest.jsonl")
+  check_procedure(out_dir, procedure(config, pipe), manifest_path)
+  image_format = config.get("image_format", "png")
+  if image_format not in IMAGE_FORMATS:
+    raise ValueError(f"config.synthesis.image_format: {image_format!r} is not one of {sorted(IMAGE_FORMATS)}")
   done = {s: r for s, r in read_manifest(manifest_path).items()
           if os.path.exists(os.path.join(out_dir, r["output"]))}
   if len(done) < len(read_manifest(manifest_path)):
@@ -216,11 +303,12 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
         pixels = np.round(out[offset + j] * 255).astype(np.uint8)
         s = [float(v) for v in scores[:, offset + j]]
         entry = {"source": rec["path"], "class_name": rec["class_name"], "class_index": rec["class_index"],
-                 "output": output_relpath(rec), "prompt": prompt, "seed": int(config.seed),
+                 "output": output_relpath(rec, image_format), "prompt": prompt, "seed": int(config.seed),
                  "source_id": int(ids[j]), "scores": s, "losses": [float(v) for v in losses[:, offset + j]],
                  "in_band": abs(s[-1] - config.target) <= config.band,
                  "stayed_in_distribution": s[-1] < config.target - config.band}
-        _atomic_png(pixels, os.path.join(out_dir, entry["output"]))
+        _atomic_image(pixels, os.path.join(out_dir, entry["output"]), image_format,
+                      config.get("jpeg_quality", 75))
         manifest.write(json.dumps(entry, sort_keys=True) + "\n")
         manifest.flush()
         done[rec["path"]] = entry
