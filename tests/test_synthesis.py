@@ -130,7 +130,7 @@ def test_skip_gradient_matches_torch_autograd(world, tiny_resnet, classifier):
     n_classes = RESNET["classes"]
     torch_logits = lambda x: torch_model(_torch_preprocess(x, RESNET["resize"], RESNET["crop"]))
   m = float(-np.log(n_classes) - 0.3)
-  cfg = refinement.RefineConfig(target=m)
+  cfg, hyper = refinement.RefineConfig(), refinement.Hyper.make(target=m)
   z0 = np.random.default_rng(5).standard_normal((4, LATENT, LATENT, 4)).astype(np.float32)
 
   def decode_fn(p, u):
@@ -140,7 +140,7 @@ def test_skip_gradient_matches_torch_autograd(world, tiny_resnet, classifier):
     return fn(p["classifier"], x)
 
   u0 = inpaint.decoder_input(jnp.asarray(z0), pipe.scaling_factor)
-  grad, loss, s = jax.jit(functools.partial(refinement.skip_gradient, cfg, decode_fn, logits_fn))(
+  grad, loss, s = jax.jit(functools.partial(refinement.skip_gradient, cfg, hyper, decode_fn, logits_fn))(
       {"vae": params["vae"], "classifier": cparams}, u0)
   grad, loss, s = map(np.asarray, (grad, loss, s))
 
@@ -257,34 +257,39 @@ def test_batch_composition_does_not_change_an_image(runs, world):
 # ---------------------------------------------------------------------------------------------
 # 5. Skip (dL/du) vs exact (dL/du pulled back through the remat'd sampler) updates.
 
-def _batch_args(world, recs, cfg):
-  pipe, params = world["pipe"], world["params"]
-  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+def _batch_args(world, recs, cfg, mesh):
+  """The arguments of `synthesize.batch_program` for these sources, built as `synthesize` builds them
+  (fresh source images each time: the program donates them)."""
+  pipe = world["pipe"]
+  params, _ = synthesis.place_params(world["params"], mesh)
   images = np.stack([synthesis.load_source_image(os.path.join(world["src"], r["path"]), IMAGE) for r in recs])
   ids = np.array([synthesis.source_id(r["path"]) for r in recs], np.int32)
   prompt_ids = np.asarray(pipe.tokenize([world["prompts"][r["path"]] for r in recs]))
   return (params, *parallel.global_batch((images, ids, prompt_ids), mesh), jnp.asarray(pipe.tokenize([""])),
           synthesis.masked_image_latents(pipe, params["vae"], IMAGE),
-          jnp.int32(inpaint.start_index(pipe.scheduler, cfg.steps, cfg.strength)),
-          jnp.float32(cfg.guidance_scale), jnp.uint32(cfg.seed))
+          np.int32(inpaint.start_index(pipe.scheduler, cfg.steps, cfg.strength)),
+          np.float32(cfg.guidance_scale),
+          refinement.Hyper.make(cfg.step_size, cfg.target, cfg.reference_batch), np.uint32(cfg.seed))
 
 
 def test_exact_vs_skip_gradient(world, runs):
-  """Both modes on the batch of the 1-device run, through synthesize_batch as synthesize jits it (the skip
-  program is the one that run compiled); the updates are (eps0 - eps_2) / r. The exact update is
+  """Both modes on the batch of the 1-device run, through `batch_program` as synthesize builds it (the
+  skip program is the one that run compiled); the updates are (eps0 - eps_2) / r. The exact update is
   (dz0/deps)^T dL/du = scaling_factor * dL/deps: checked against a central difference of the loss."""
-  pipe, params, recs = world["pipe"], world["params"], world["recs"][:BATCH]
+  pipe, recs = world["pipe"], world["recs"][:BATCH]
   cfg = _config()
-  args = _batch_args(world, recs, cfg)
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  ids = np.array([synthesis.source_id(r["path"]) for r in recs], np.int32)
   # The initial noise, drawn as synthesize_batch draws it: from (seed, source id).
   key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
   eps0 = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, int(i)), (LATENT, LATENT, 4), jnp.float32))
-                   for i in np.asarray(args[2])])
+                   for i in ids])
   out = {}
   for mode in refinement.GRAD_MODES:
-    rcfg = refinement.RefineConfig(iterations=cfg.iterations, step_size=cfg.step_size, target=cfg.target,
-                                   loss=cfg.loss, grad_mode=mode)
-    fn = jax.jit(functools.partial(synthesis.synthesize_batch, pipe, rcfg, cfg.steps, None, world["logits_fn"]))
+    rcfg = refinement.RefineConfig(iterations=cfg.iterations, loss=cfg.loss, grad_mode=mode)
+    args = _batch_args(world, recs, cfg, mesh)
+    fn = synthesis.batch_program(pipe, rcfg, cfg.steps, None, world["logits_fn"], mesh,
+                                 parallel.param_shardings(world["params"], mesh))
     _, scores, losses, eps = fn(*args)
     out[mode] = dict(update=(eps0 - np.asarray(eps)) / cfg.step_size, scores=np.asarray(scores),
                      losses=np.asarray(losses))
@@ -297,15 +302,19 @@ def test_exact_vs_skip_gradient(world, runs):
 
   # The exact update against a central difference of the summed loss along a random direction d:
   # <dL/deps, d> = <exact, d> / scaling_factor.
-  params_, images, ids, prompt_ids, negative_ids, masked, first, guidance, seed = args
-  one = refinement.RefineConfig(iterations=1, target=cfg.target, loss=cfg.loss)
+  params_, images, ids, prompt_ids, negative_ids, masked, first, guidance, hyper, seed = _batch_args(
+      world, recs, cfg, mesh)
+  one = refinement.RefineConfig(iterations=1, loss=cfg.loss)
 
   @jax.jit
-  def total_loss(eps):
+  def loss_fn(eps, params_, images, ids, prompt_ids, negative_ids, masked, first, guidance, hyper, seed):
     z_in, _ = synthesis.draw_inputs(pipe, params_["vae"], images, ids, seed)
     _, _, losses, _ = synthesis.refine_batch(pipe, one, cfg.steps, None, world["logits_fn"], params_, z_in, eps,
-                                             prompt_ids, negative_ids, masked, first, guidance)
+                                             prompt_ids, negative_ids, masked, first, guidance, hyper)
     return jnp.sum(losses)
+
+  total_loss = lambda eps: loss_fn(eps, params_, images, ids, prompt_ids, negative_ids, masked, first, guidance,
+                                   hyper, seed)
 
   d = np.random.default_rng(7).standard_normal(eps0.shape).astype(np.float32)
   h = 1e-2
@@ -407,8 +416,15 @@ def official_world(world):
   masked = np.asarray(synthesis.masked_image_latents(ours_pipe, ours_params["vae"], IMAGE))
   masked = np.broadcast_to(masked, (b,) + masked.shape[1:]).copy()
   prompts = [world["prompts"][r["path"]] for r in recs]
+  logits_fn, _ = guidance.resnet50(module, rparams, resize=OFFICIAL["resize"], crop=OFFICIAL["crop"])
+  traces = []
+
+  def counted_logits_fn(p, x):  # runs once per trace of a program (per iteration in it)
+    traces.append(1)
+    return logits_fn(p, x)
+
   return dict(pipe=pipe, model=model, module=module, rparams=rparams, z_in=z_in, eps=eps, masked=masked,
-              prompts=prompts)
+              prompts=prompts, logits_fn=counted_logits_fn, traces=traces)
 
 
 def _t(x_nhwc):
@@ -436,17 +452,15 @@ def official_vs_ours(world, ow, kind):
                         resize=OFFICIAL["resize"], crop=OFFICIAL["crop"])
   finally:
     torch.set_num_threads(threads)
-  logits_fn, cparams = guidance.resnet50(ow["module"], ow["rparams"], resize=OFFICIAL["resize"],
-                                        crop=OFFICIAL["crop"])
-  params = dict(params, classifier=cparams)
+  params = dict(params, classifier=ow["rparams"])
   first = jnp.int32(inpaint.start_index(pipe.scheduler, 20, 0.6))
   prompt_ids, neg = jnp.asarray(pipe.tokenize(ow["prompts"])), jnp.asarray(pipe.tokenize([""]))
   z_in, masked = jnp.asarray(_n(ow["z_in"])), jnp.asarray(ow["masked"])
 
   def ours(iterations, eps):
-    cfg = refinement.RefineConfig(iterations=iterations, step_size=r, target=m, reference_batch=b)
-    fn = _refine_fn(pipe, cfg, logits_fn)
-    _, scores, _, eps_out = fn(params, z_in, jnp.asarray(eps), prompt_ids, neg, masked, first, jnp.float32(8.0))
+    fn = _refine_fn(pipe, refinement.RefineConfig(iterations=iterations), ow["logits_fn"])
+    _, scores, _, eps_out = fn(params, z_in, jnp.asarray(eps), prompt_ids, neg, masked, first, jnp.float32(8.0),
+                               refinement.Hyper.make(r, m, b))
     return np.asarray(scores), np.asarray(eps_out)
 
   rows = []
@@ -496,6 +510,30 @@ def test_refinement_equals_official_procedure(world, official_world, kind):
   # the comparison is not vacuous: the updates move the scores
   assert np.abs(free_ref[-1] - free_ref[0]).max() > 1e-3
   np.testing.assert_allclose(free, free_ref, rtol=1e-3)
+
+
+def test_new_step_size_target_or_reference_batch_reuse_the_program(world, official_world):
+  """r, m and the reference batch are traced: other values run the same compiled program (no trace)
+  and give other results."""
+  pipe, params = world["pipe"], dict(world["params"], classifier=official_world["rparams"])
+  fn = _refine_fn(pipe, refinement.RefineConfig(iterations=2), official_world["logits_fn"])
+  z = lambda x: jnp.asarray(_n(x))
+  args = (params, z(official_world["z_in"]), z(official_world["eps"]), jnp.asarray(pipe.tokenize(official_world["prompts"])),
+          jnp.asarray(pipe.tokenize([""])), jnp.asarray(official_world["masked"]),
+          jnp.int32(inpaint.start_index(pipe.scheduler, 20, 0.6)), jnp.float32(8.0))
+  first = fn(*args, refinement.Hyper.make(10.0, -5.0, 2))
+  traces = len(official_world["traces"])
+  others = [fn(*args, refinement.Hyper.make(*h)) for h in ((30.0, -5.0, 2), (10.0, -7.0, 2), (10.0, -5.0, 1))]
+  assert len(official_world["traces"]) == traces
+  for other in others:
+    assert not np.allclose(np.asarray(other[3]), np.asarray(first[3]))
+  # the update is linear in r / reference_batch: r = 30 moves eps 3x as far as r = 10, batch 1 2x
+  eps0 = np.asarray(args[2])
+  step = lambda out: eps0 - np.asarray(out[3])
+  np.testing.assert_allclose(step(others[0]), 3 * step(first), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(step(others[2]), 2 * step(first), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="reference_batch must be >= 1"):
+    refinement.Hyper.make(reference_batch=0)
 
 
 def test_decoder_input_with_latent_statistics():

@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import zlib
+from concurrent import futures
 from typing import Callable, Sequence
 
 import jax
@@ -23,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from PIL import Image
+
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from synood_jax import parallel, runtime
 from synood_jax.synthesis import refinement
@@ -73,7 +76,7 @@ def draw_inputs(pipe, vae_params, images: jax.Array, ids: jax.Array, seed: jax.A
 def refine_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
                  logits_fn: Callable, params: dict, z_in: jax.Array, eps: jax.Array, prompt_ids: jax.Array,
                  negative_ids: jax.Array, masked_latents: jax.Array, first_index: jax.Array,
-                 guidance_scale: jax.Array):
+                 guidance_scale: jax.Array, hyper: refinement.Hyper):
   """All K refinement iterations from given source latents z_in and noise eps (`refinement.refine`)."""
   cond = pipe.text_hidden(params["text"], prompt_ids)
   uncond = jnp.broadcast_to(pipe.text_hidden(params["text"], negative_ids), cond.shape)
@@ -99,29 +102,49 @@ def refine_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_c
   def classify(p, x):
     return logits_fn(p["classifier"], x)
 
-  return refinement.refine(refine_cfg, noise_fn, sample_fn, input_fn, decode_fn, classify, params, eps)
+  return refinement.refine(refine_cfg, hyper, noise_fn, sample_fn, input_fn, decode_fn, classify, params, eps)
 
 
 def synthesize_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
                      logits_fn: Callable, params: dict, images: jax.Array, ids: jax.Array,
                      prompt_ids: jax.Array, negative_ids: jax.Array, masked_latents: jax.Array,
-                     first_index: jax.Array, guidance_scale: jax.Array, seed: jax.Array):
+                     first_index: jax.Array, guidance_scale: jax.Array, hyper: refinement.Hyper,
+                     seed: jax.Array):
   """All K refinement iterations for one batch. params: {'unet','vae','text','classifier'}.
 
-  `steps` (the scheduler table length) is static; the strength cut `first_index` and the guidance
-  scale are traced. Each image's posterior sample and noise come from (seed, its source id).
+  `steps` (the scheduler table length) and `refine_cfg` are static; the strength cut `first_index`,
+  the guidance scale and the refinement scalars `hyper` (r, m, reference batch) are traced. Each
+  image's posterior sample and noise come from (seed, its source id).
   """
   z_in, eps = draw_inputs(pipe, params["vae"], images, ids, seed)
   return refine_batch(pipe, refine_cfg, steps, decode_chunk, logits_fn, params, z_in, eps, prompt_ids,
-                      negative_ids, masked_latents, first_index, guidance_scale)
+                      negative_ids, masked_latents, first_index, guidance_scale, hyper)
 
 
-@functools.lru_cache(maxsize=8)
-def jitted_batch_fn(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
-                    logits_fn: Callable):
-  """One jitted `synthesize_batch` per (pipeline, refinement, steps, chunk, classifier): calls for
-  several source sets (or a resumed run in the same process) reuse its compiled program."""
-  return jax.jit(functools.partial(synthesize_batch, pipe, refine_cfg, steps, decode_chunk, logits_fn))
+def batch_program(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
+                  logits_fn: Callable, mesh, param_shardings):
+  """`synthesize_batch` jitted with explicit shardings: params as `param_shardings` say, the batch
+  (images, source ids, prompt ids) split over every device, the rest replicated; out: images and eps
+  split on the batch, scores and losses [K, B] split on B. The source images are donated: they are
+  rebuilt for every batch and have the output images' shape, so XLA may write the outputs there."""
+  rep = parallel.replicated(mesh)
+  rows = lambda ndim: parallel.batch_sharding(mesh, ndim)
+  per_iteration = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+  fn = functools.partial(synthesize_batch, pipe, refine_cfg, steps, decode_chunk, logits_fn)
+  return jax.jit(fn, in_shardings=(param_shardings, rows(4), rows(1), rows(2), rep, rep, rep, rep, rep, rep),
+                 out_shardings=(rows(4), per_iteration, per_iteration, rows(4)), donate_argnums=(1,))
+
+
+def place_params(params, mesh):
+  """(params placed by `parallel.param_shardings`, those shardings). Leaves already placed so (the
+  pipeline's, sharded once at load) are kept as they are: no second copy."""
+  shardings = parallel.param_shardings(params, mesh)
+
+  def one(x, s):
+    placed = isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim)
+    return x if placed else jax.device_put(x, s)
+
+  return jax.tree_util.tree_map(one, params, shardings), shardings
 
 
 def masked_image_latents(pipe, vae_params, size: int) -> jax.Array:
@@ -234,6 +257,75 @@ def _rewrite_manifest(path: str, records: dict[str, dict], order: Sequence[str])
   os.replace(tmp, path)
 
 
+def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source_root, mesh, todo, mine, done,
+                 n_batches):
+  """Synthesize the `todo` sources in n_batches batches, writing each image and its manifest line
+  (into `done` as well)."""
+  local_batch = config.batch_size // jax.process_count()
+  image_format = config.get("image_format", "png")
+  refine_cfg = refinement.RefineConfig(iterations=config.iterations, loss=config.loss, grad_mode=config.grad_mode)
+  hyper = refinement.Hyper.make(config.step_size, config.target, config.get("reference_batch", 1))
+  first_index = np.int32(inpaint.start_index(pipe.scheduler, config.steps, config.strength))
+  params, shardings = place_params(params, mesh)
+  negative_ids = jnp.asarray(pipe.tokenize([""]))
+  masked = masked_image_latents(pipe, params["vae"], config.image_size)
+  step_fn = batch_program(pipe, refine_cfg, config.steps, config.get("decode_chunk") or None, logits_fn, mesh,
+                          shardings)
+  consts = (negative_ids, masked, first_index, np.float32(config.guidance_scale), hyper, np.uint32(config.seed))
+  progress = Progress(total=len(mine), initial=len(mine) - len(todo), name="synthesis", unit="img",
+                      every_secs=config.get("log_every_secs", 30))
+  offset = jax.process_index() * local_batch if jax.process_count() > 1 else 0
+
+  def load(b):
+    """Host side of batch b: its (record, prompt) rows and padded source images, ids, prompt ids."""
+    chunk = todo[b * local_batch:(b + 1) * local_batch]
+    n_real = len(chunk)
+    if n_real == 0:
+      chunk = mine[:1]  # an idle process still takes part in the collective with a dummy row
+    images = np.stack([load_source_image(os.path.join(source_root, r["path"]), config.image_size)
+                       for r, _ in chunk])
+    ids = np.array([source_id(r["path"]) for r, _ in chunk], np.int32)
+    prompt_ids = np.asarray(pipe.tokenize([p for _, p in chunk]))
+    arrays = tuple(parallel.pad_batch(x, local_batch)[0] for x in (images, ids, prompt_ids))
+    return chunk[:n_real], arrays
+
+  def write(rows, ids, out, scores, losses, manifest):
+    """Each image file, then its manifest line (the order resuming relies on)."""
+    for j, (rec, prompt) in enumerate(rows):
+      pixels = np.round(out[offset + j] * 255).astype(np.uint8)
+      s = [float(v) for v in scores[:, offset + j]]
+      entry = {"source": rec["path"], "class_name": rec["class_name"], "class_index": rec["class_index"],
+               "output": output_relpath(rec, image_format), "prompt": prompt, "seed": int(config.seed),
+               "source_id": int(ids[j]), "scores": s, "losses": [float(v) for v in losses[:, offset + j]],
+               "in_band": abs(s[-1] - config.target) <= config.band,
+               "stayed_in_distribution": s[-1] < config.target - config.band}
+      _atomic_image(pixels, os.path.join(out_dir, entry["output"]), image_format, config.get("jpeg_quality", 75))
+      manifest.write(json.dumps(entry, sort_keys=True) + "\n")
+      manifest.flush()
+      done[rec["path"]] = entry
+      progress.update()
+
+  # While the device runs batch b, one thread loads batch b + 1 and another writes batch b - 1.
+  with open(manifest_path, "a") as manifest, \
+       futures.ThreadPoolExecutor(1, "synthesis-load") as loader, \
+       futures.ThreadPoolExecutor(1, "synthesis-write") as writer:
+    next_batch, written = loader.submit(load, 0), None
+    for b in range(n_batches):
+      rows, (images, ids, prompt_ids) = next_batch.result()
+      if b + 1 < n_batches:
+        next_batch = loader.submit(load, b + 1)
+      args = (params, *parallel.global_batch((images, ids, prompt_ids), mesh), *consts)
+      if b == 0:  # compile once, timed apart from the run; every batch has these shapes
+        step_fn = runtime.compile_ahead(step_fn, *args, what="synthesis: compile")
+      out, scores, losses, _ = step_fn(*args)
+      out, scores, losses = parallel.to_host((out, scores, losses))
+      if written is not None:
+        written.result()  # surfaces a failed write; keeps at most one batch in flight
+      written = writer.submit(write, rows, ids, out, scores, losses, manifest)
+    if written is not None:
+      written.result()
+
+
 def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, source_root: str,
                sources: Sequence[dict], prompts: Sequence[str], mesh) -> list[dict]:
   """Synthesize one image per source (with prompt) into out_dir; returns the manifest records.
@@ -259,11 +351,6 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
   todo = [(r, p) for r, p in mine if r["path"] not in done]
   logging.info("synthesis: %d sources for this process, %d done, %d to go", len(mine), len(done), len(todo))
 
-  refine_cfg = refinement.RefineConfig(
-      iterations=config.iterations, step_size=config.step_size, target=config.target,
-      loss=config.loss, grad_mode=config.grad_mode, reference_batch=config.get("reference_batch", 1))
-  first_index = jnp.int32(inpaint.start_index(pipe.scheduler, config.steps, config.strength))
-
   local_batch = config.batch_size // jax.process_count()
   multiple = parallel.batch_size_multiple(mesh) // jax.process_count()
   if local_batch % max(multiple, 1):
@@ -273,46 +360,9 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
   if jax.process_count() > 1:  # every process must run the same number of collective steps
     from jax.experimental import multihost_utils
     n_batches = int(np.max(multihost_utils.process_allgather(np.array(n_batches))))
-
-  negative_ids = jnp.asarray(pipe.tokenize([""]))
-  masked = masked_image_latents(pipe, params["vae"], config.image_size)
-  step_fn = jitted_batch_fn(pipe, refine_cfg, config.steps, config.get("decode_chunk") or None, logits_fn)
-  progress = Progress(total=len(mine), initial=len(mine) - len(todo), name="synthesis", unit="img",
-                      every_secs=config.get("log_every_secs", 30))
-  with open(manifest_path, "a") as manifest:
-    for b in range(n_batches):
-      chunk = todo[b * local_batch:(b + 1) * local_batch]
-      n_real = len(chunk)
-      if n_real == 0:
-        chunk = mine[:1]  # an idle process still takes part in the collective with a dummy row
-      images = np.stack([load_source_image(os.path.join(source_root, r["path"]), config.image_size) for r, _ in chunk])
-      ids = np.array([source_id(r["path"]) for r, _ in chunk], np.int32)
-      prompt_ids = np.asarray(pipe.tokenize([p for _, p in chunk]))
-      (images, _), (ids, _), (prompt_ids, _) = (parallel.pad_batch(x, local_batch)
-                                                for x in (images, ids, prompt_ids))
-      batch = parallel.global_batch((images, ids, prompt_ids), mesh)
-      args = (params, *batch, negative_ids, masked, first_index, jnp.float32(config.guidance_scale),
-              jnp.uint32(config.seed))
-      if b == 0:  # compile once, timed apart from the run; every batch has these shapes
-        step_fn = runtime.compile_ahead(step_fn, *args, what="synthesis: compile")
-      out, scores, losses, _ = step_fn(*args)
-      out, scores, losses = parallel.to_host((out, scores, losses))
-      offset = jax.process_index() * local_batch if jax.process_count() > 1 else 0
-      for j in range(n_real):
-        rec, prompt = chunk[j]
-        pixels = np.round(out[offset + j] * 255).astype(np.uint8)
-        s = [float(v) for v in scores[:, offset + j]]
-        entry = {"source": rec["path"], "class_name": rec["class_name"], "class_index": rec["class_index"],
-                 "output": output_relpath(rec, image_format), "prompt": prompt, "seed": int(config.seed),
-                 "source_id": int(ids[j]), "scores": s, "losses": [float(v) for v in losses[:, offset + j]],
-                 "in_band": abs(s[-1] - config.target) <= config.band,
-                 "stayed_in_distribution": s[-1] < config.target - config.band}
-        _atomic_image(pixels, os.path.join(out_dir, entry["output"]), image_format,
-                      config.get("jpeg_quality", 75))
-        manifest.write(json.dumps(entry, sort_keys=True) + "\n")
-        manifest.flush()
-        done[rec["path"]] = entry
-        progress.update()
+  if n_batches:
+    _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source_root, mesh, todo, mine, done,
+                 n_batches)
   _rewrite_manifest(manifest_path, done, [r["path"] for r, _ in mine])
   if jax.process_count() > 1:  # one manifest.jsonl in source order, as a single-host run writes
     from jax.experimental import multihost_utils
