@@ -13,7 +13,8 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
@@ -70,6 +71,28 @@ def device_lines() -> list[str]:
                 else f"cpu, {torch.get_num_threads()} threads")
   return [f"  ours (JAX {jax.__version__}):       {len(jax.devices())} x {d.platform} ({d.device_kind})",
           f"  diffusers (torch {torch.__version__}): {dev.type} ({torch_name}), {FLAGS.torch_dtype}"]
+
+
+# stabilityai/stable-diffusion-2-inpainting's component configs, written out by hand (no hub at run time).
+SD2_INPAINT_UNET = {
+    "act_fn": "silu", "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 1024,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "in_channels": 9, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+    "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "use_linear_projection": True, "upcast_attention": False,
+}
+SD2_VAE = {
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "sample_size": 512, "scaling_factor": 0.18215,
+}
+# OpenCLIP ViT-H/14's text tower as SD-2 uses it (its vocabulary size comes from the tokenizer in use).
+SD2_TEXT = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
+            "hidden_act": "gelu", "layer_norm_eps": 1e-5, "max_position_embeddings": 77, "projection_dim": 512}
 
 
 def unet_config(channels, layers, heads, cross_dim, sample_size) -> dict:

@@ -24,7 +24,7 @@ class InpaintPipeline:
   """The static half of a pipeline (modules, scheduler, tokenizer); params travel separately."""
   unet: Any
   vae: Any
-  text: Any            # a CLIP bundle of the text tower (params held apart, in params['text'])
+  text: Any            # a CLIP bundle of the text tower, without params (they travel in params['text'])
   scheduler: Any
   scaling_factor: float
   folder: str
@@ -59,8 +59,11 @@ def load_inpaint_pipeline(folder: str, dtype=jnp.float32, scheduler: str | None 
   text = clip.from_pretrained(os.path.join(folder, "text_encoder"), dtype=dtype,
                               tokenizer_path=os.path.join(folder, "tokenizer"))
   sched_cfg = schedulers.load_scheduler_config(os.path.join(folder, "scheduler"))
+  # The bundle keeps no params of its own: once the caller shards params['text'], no unsharded copy
+  # stays alive beside them.
+  text, text_params = dataclasses.replace(text, params=None), text.params
   pipe = InpaintPipeline(unet=unet_module, vae=vae_module, text=text,
                          scheduler=schedulers.make_scheduler(sched_cfg, kind=scheduler),
                          scaling_factor=float(vae_module.cfg.scaling_factor),
                          folder=folder)
-  return pipe, {"unet": unet_params, "vae": vae_params, "text": text.params}
+  return pipe, {"unet": unet_params, "vae": vae_params, "text": text_params}

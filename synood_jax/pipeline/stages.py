@@ -189,6 +189,7 @@ def stage_synthesis(ctx: Context) -> dict:
     held = sources.select_sources(root["val"], per_class=10**6).records
     info["heldout_images"] = len(_synthesize(ctx, [dataclasses.asdict(r) for r in held], root["val"],
                                              ctx.wd.synthesis_heldout))
+  ctx.__dict__.pop("synthesis_models", None)  # the later stages need no UNet, VAE or their params
   return info
 
 
