@@ -356,12 +356,13 @@ def official_loop(pipe, resnet_model, z_in, eps, masked, prompts, iterations, st
 
   z_in, eps, masked: NCHW tensors (posterior-sampled source latents, noise, 4-channel masked-image
   latents). teacher: an optional list of eps to start each iteration from (teacher forcing).
-  Returns per iteration {'eps': eps fed in, 'update': r dL/du, 'scores': s}.
+  Returns per iteration {'eps': eps fed in, 'update': r dL/du, 'scores': s, 'images': x}.
   """
   b, _, h, w = z_in.shape
   image = h * pipe.vae_scale_factor
-  pipe.scheduler.set_timesteps(steps)
-  timesteps, _ = pipe.get_timesteps(steps, strength, "cpu")
+  like = dict(device=z_in.device, dtype=z_in.dtype)
+  pipe.scheduler.set_timesteps(steps, device=z_in.device)
+  timesteps, _ = pipe.get_timesteps(steps, strength, z_in.device)
   cfg = pipe.vae.config
   out = []
   for i in range(iterations):
@@ -369,25 +370,26 @@ def official_loop(pipe, resnet_model, z_in, eps, masked, prompts, iterations, st
       eps = teacher[i]
     noise_latents = pipe.scheduler.add_noise(z_in, eps, timesteps[:1])
     with torch.no_grad():
-      latents = pipe(prompt=prompts, image=torch.zeros(b, 3, image, image), mask_image=torch.ones(b, 1, image, image),
-                     masked_image_latents=masked, latents=noise_latents, guidance_scale=guidance,
-                     num_inference_steps=steps, strength=strength, output_type="latent", height=image,
-                     width=image).images
+      latents = pipe(prompt=prompts, image=torch.zeros(b, 3, image, image, **like),
+                     mask_image=torch.ones(b, 1, image, image, **like), masked_image_latents=masked,
+                     latents=noise_latents, guidance_scale=guidance, num_inference_steps=steps, strength=strength,
+                     output_type="latent", height=image, width=image).images
       if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-        mean = torch.tensor(cfg.latents_mean).view(1, 4, 1, 1)
-        std = torch.tensor(cfg.latents_std).view(1, 4, 1, 1)
+        mean = torch.tensor(cfg.latents_mean, **like).view(1, 4, 1, 1)
+        std = torch.tensor(cfg.latents_std, **like).view(1, 4, 1, 1)
         latents = latents * std / cfg.scaling_factor + mean
       else:
         latents = latents / cfg.scaling_factor
     with torch.enable_grad():
       latents.requires_grad_(True)
       x = (pipe.vae.decode(latents, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
-      logits = resnet_model(_torch_preprocess(x, resize, crop))
+      # resized in float32 (a no-op cast at float32; CPU torch has no half-precision antialiased resize)
+      logits = resnet_model(_torch_preprocess(x.float(), resize, crop).to(x.dtype))
       s = logits.mean(1) - torch.logsumexp(logits, dim=1)
       loss = torch.pow(target - s, 2).mean()
       loss.backward()
     update = latents.grad * step_size
-    out.append(dict(eps=eps, update=update, scores=s.detach()))
+    out.append(dict(eps=eps, update=update, scores=s.detach(), images=x.detach()))
     eps = eps - update
   return out
 

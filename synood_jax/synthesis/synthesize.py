@@ -152,9 +152,16 @@ def masked_image_latents(pipe, vae_params, size: int) -> jax.Array:
 
   The official pipeline samples this posterior on every call; the mean is its deterministic choice.
   """
+  return _masked_image_latents(pipe.vae, pipe.scaling_factor, size, vae_params)
+
+
+# Jitted (op by op, the VAE encoder took seconds of a cold start); static on the VAE module and numbers
+# only, so the jit cache holds no pipeline or params.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _masked_image_latents(vae_module, scaling_factor: float, size: int, vae_params):
   zeros = jnp.zeros((1, size, size, 3), jnp.float32)
-  mean, _ = pipe.vae_encode(vae_params, zeros)
-  return mean.astype(jnp.float32) * pipe.scaling_factor
+  mean, _ = vae_module.apply({"params": vae_params}, zeros, method=vae_module.encode)
+  return mean.astype(jnp.float32) * scaling_factor
 
 
 # ---------------------------------------------------------------------------------------------
