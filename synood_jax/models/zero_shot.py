@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from synood_jax import parallel
+from synood_jax.models.clip import CLIP
 
 
 def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
@@ -21,19 +22,21 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
+# Static on the CLIP module (config only), not the bundle: the jit cache must not keep a bundle's params
+# alive after its caller is done with them.
 @functools.partial(jax.jit, static_argnums=0)
-def _text_features(bundle, params, ids):
-  return l2_normalize(bundle.encode_text(params, ids))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _image_features(bundle, params, images):
-  return l2_normalize(bundle.encode_image(params, images))
+def _text_features(module, params, ids):
+  return l2_normalize(module.apply({"params": params}, ids, method=CLIP.encode_text))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _raw_image_features(bundle, params, images):
-  return bundle.encode_image(params, images).astype(jnp.float32)
+def _image_features(module, params, images):
+  return l2_normalize(module.apply({"params": params}, images, method=CLIP.encode_image))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _raw_image_features(module, params, images):
+  return module.apply({"params": params}, images, method=CLIP.encode_image).astype(jnp.float32)
 
 
 def _batched(fn, bundle, params, x: np.ndarray, batch_size: int, mesh: Mesh | None) -> np.ndarray:
@@ -48,7 +51,7 @@ def _batched(fn, bundle, params, x: np.ndarray, batch_size: int, mesh: Mesh | No
   for start in range(0, len(x), batch_size):
     chunk, n = parallel.pad_batch(x[start:start + batch_size], batch_size)
     chunk = parallel.global_batch(chunk, mesh) if mesh is not None else jnp.asarray(chunk)
-    out.append(parallel.to_host(fn(bundle, params, chunk))[:n])
+    out.append(parallel.to_host(fn(bundle.module, params, chunk))[:n])
   return np.concatenate(out) if out else np.zeros((0, bundle.config.projection_dim), np.float32)
 
 
