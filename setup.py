@@ -23,8 +23,9 @@ setup(
     extras_require={
         # The references the tests compare against.
         "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.40", "scikit-learn>=1.5", "nltk>=3.9"],
-        # Reading prepared datasets (array_record via grain, no TensorFlow needed).
-        "data": ["tensorflow-datasets>=4.9.10", "array-record", "grain>=0.2.18"],
+        # Reading prepared datasets (array_record, no TensorFlow needed).
+        "data": ["tensorflow-datasets>=4.9.10", "array-record"],
+        "tensorboard": ["tensorboardX>=2.6"],
         "wordnet": ["nltk>=3.9"],
     },
 )

@@ -106,7 +106,7 @@ class Ours:
     return {"args_s": t1 - t0, "lower_s": t2 - t1, "xla_s": t3 - t2, "total_s": t3 - t0}
 
   def run(self, sources, prompts, ids, seed: int = 0):
-    out, scores, losses, _ = self.program(*self.args(sources, prompts, ids, seed))
+    out, scores, losses, _, _ = self.program(*self.args(sources, prompts, ids, seed))
     return parallel.to_host((out, scores, losses))
 
 

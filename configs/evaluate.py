@@ -9,23 +9,27 @@ CLIP ViT-B/16; MCM: 42.74 / 90.77). First turn the downloads into checked manife
 then:
 
   python launch/evaluate.py --config=configs/evaluate.py --workdir=/tmp/eval \
-      --config.clip_path=/models/clip-vit-base-patch16 --config.data_dir=/data/manifests \
+      --config.models.clip_path=/models/clip-vit-base-patch16 --config.eval.data_dir=/data/manifests \
       --config.negatives.label_list=/data/neglabel_10499.txt
 
-Variants: `configs/evaluate.py:runlocal` shrinks batch sizes for a laptop. Sets are `name` (the manifest
-`<data_dir>/<name>.jsonl`) or `name=<spec>` with spec a manifest, an image folder, `list:<file>:<root>`
-(OpenOOD v1.5 list) or `tfds:<name>:<split>`.
-"""
-import os
+The config is the whole pipeline's (synood_jax/config.py): the same `models`, `mesh`, `data.classnames`,
+`negatives` and `eval` fields a pipeline run's evaluation stage reads. Each method prompts as its paper
+does (`eval.templates`: MCM 'a photo of a {}', NegLabel 'the nice {}'), and FPR95 takes each
+convention's published operating point (`eval.fpr95_rules`).
 
+Variants: `configs/evaluate.py:runlocal` shrinks batch sizes for a laptop. Sets (`eval.id_set`,
+`eval.ood_sets`) are `name` (the manifest `<eval.data_dir>/<name>.jsonl`) or `name=<spec>` with spec a
+manifest, an image folder, `list:<file>:<root>` (OpenOOD v1.5 list) or `tfds:<name>:<split>`.
+"""
 from synood_jax.config import base_config
 
 
 def get_config(arg: str | None = None):
-  c = base_config().eval               # the same fields the whole pipeline's evaluation stage reads
-  c.compile_cache_dir = os.path.expanduser("~/.cache/synood_jax/xla")  # XLA compile cache ('': off)
+  c = base_config()
+  c.models.clip_path = "/models/clip-vit-base-patch16"
+  c.eval.scores = "mcm,neglabel"        # the zero-shot rows of Table 1
   if arg == "runlocal":
-    c.batch_size = 16
-    c.text_batch_size = 64
-    c.score_batch_size = 512
+    c.eval.batch_size = 16
+    c.eval.text_batch_size = 64
+    c.eval.score_batch_size = 512
   return c

@@ -7,9 +7,13 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.on_change = "rerun"                 # a finished stage whose config fields changed: 'rerun' it, or 'error'
   c.compile_cache_dir = os.path.expanduser("~/.cache/synood_jax/xla")  # '' turns the cache off
   c.multi_host = False                  # jax.distributed.initialize() on a pod / multi-node mesh
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # (regex over param paths 'unet/down_blocks_0/.../kernel', tactic): first match wins, unmatched
+  # params are replicated; tactics are named in parallel.TACTICS ('fsdp', 'replicate').
+  c.mesh.sharding_rules = ((".*", "fsdp"),)
 
   c.models = ml_collections.ConfigDict()
   c.models.clip_path = ""               # HF CLIP folder (openai/clip-vit-base-patch16); '' makes a tiny one
@@ -47,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthesis.grad_mode = "skip"        # 'skip' (official dL/du) or 'exact' (pulled back through the sampler)
   c.synthesis.reference_batch = 2       # the official loss averages over its batch of 2; 1: per-image steps
   c.synthesis.band = 2.0                # |s - m| <= band: near the boundary; s < m - band: flagged as ID
+  c.synthesis.max_not_ok = 0.05         # stop when more than this share of images is not 'ok' (health.py)
+  c.synthesis.min_pixel_std = 0.01      # an image with a smaller pixel std (in [0, 1]) is degenerate
   c.synthesis.batch_size = 8            # global; a multiple of the device count
   c.synthesis.decode_chunk = 0          # VAE-decode this many rows at a time (0: all)
   c.synthesis.classifier = "resnet50"   # torchvision ResNet-50 (official), or 'clip' zero-shot over the ID prompts
@@ -56,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthesis.jpeg_quality = 75         # PIL's default, which the official script gets
   c.synthesis.log_every_secs = 30.0
 
-  c.negatives = ml_collections.ConfigDict()
+  c.negatives = ml_collections.ConfigDict()  # NegLabel's negatives: the pipeline and the evaluation read these
   c.negatives.label_list = ""           # NegLabel's published list, or ours; '' = mine from the corpus
   c.negatives.corpus = ""               # WordNet dict folder, or 'nouns.txt,adjectives.txt'
   c.negatives.percentile = 0.95
@@ -66,27 +72,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage2 = stage2_config()
   c.stage3 = stage3_config()
 
+  # The evaluation (ood.evaluation.Options has the same fields); the model is models.clip_path /
+  # models.dtype, the classes data.classnames, the mesh `mesh`, the negatives `negatives`.
   c.eval = ml_collections.ConfigDict()
-  c.eval.clip_path = ""                 # filled in from models.clip_path
-  c.eval.dtype = "float32"
   c.eval.data_dir = ""                  # prepared manifests (launch/prepare_data.py)
   c.eval.id_set = "imagenet_val"
   c.eval.ood_sets = "inaturalist,sun,places,textures"
-  c.eval.classnames = "imagenet"
-  c.eval.templates = "neglabel"         # 'the nice {}'
-  c.eval.negatives = ml_collections.ConfigDict(dict(label_list="", corpus="", percentile=0.95,
-                                                    keep_fraction=0.15))
   c.eval.scores = "mcm,neglabel"
+  c.eval.templates = ml_collections.ConfigDict(dict(  # each method's ID prompts, as its paper
+      mcm="mcm",                        # 'a photo of a {}'
+      neglabel="neglabel"))             # 'the nice {}' (also SynOOD's training and guidance prompts)
   c.eval.groups = 100
   c.eval.temperature = 0.01
   c.eval.seed = 0
   c.eval.mcm_temperature = 1.0
-  c.eval.tuned_method = "synood"
+  c.eval.fpr95_rules = ml_collections.ConfigDict(dict(  # operating point per convention (ood.metrics)
+      id_positive="neglabel",           # MOS / MCM / NegLabel: recall nearest 0.95
+      ood_positive="openood"))          # OpenOOD v1.5: sklearn roc_curve, first TPR >= 0.95
   c.eval.batch_size = 256
   c.eval.text_batch_size = 1000
   c.eval.score_batch_size = 4096
   c.eval.num_threads = 0
-  c.eval.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.eval.cache_dir = ""
   c.eval.allow_partial = False
   c.eval.verify = "exists"

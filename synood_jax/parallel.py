@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
@@ -39,8 +40,9 @@ def replicate(shape: Sequence[int], mesh: Mesh) -> P:
   return P()
 
 
-def fsdp(shape: Sequence[int], mesh: Mesh, min_size: int = 2**12) -> P:
-  """Shard the largest dimension divisible by the fsdp axis size; small or indivisible: replicate."""
+def fsdp(shape: Sequence[int], mesh: Mesh, min_size: int = 2**12) -> P | None:
+  """Shard the largest dimension divisible by the fsdp axis size; small: replicate; a large one with
+  no divisible dimension: None (the caller replicates it and says so)."""
   n = mesh.shape["fsdp"]
   if n == 1 or int(np.prod(shape)) < min_size:
     return P()
@@ -49,7 +51,7 @@ def fsdp(shape: Sequence[int], mesh: Mesh, min_size: int = 2**12) -> P:
       spec = [None] * len(shape)
       spec[dim] = "fsdp"
       return P(*spec)
-  return P()
+  return None
 
 
 TACTICS = {"replicate": replicate, "fsdp": fsdp}
@@ -60,22 +62,55 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
+def _compile_rules(rules) -> list:
+  compiled = []
+  for rule in rules:
+    regex, tactic = rule
+    if isinstance(tactic, str) and tactic not in TACTICS:
+      raise ValueError(f"sharding rule {tuple(rule)!r}: unknown tactic {tactic!r}; known: {sorted(TACTICS)}")
+    compiled.append((re.compile(regex), TACTICS[tactic] if isinstance(tactic, str) else tactic))
+  return compiled
+
+
 def param_shardings(params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
-  """A NamedSharding for each leaf of `params` (arrays or ShapeDtypeStructs)."""
-  compiled = [(re.compile(r), TACTICS[t] if isinstance(t, str) else t) for r, t in rules]
+  """A NamedSharding for each leaf of `params` (arrays or ShapeDtypeStructs).
+
+  Leaves a rule wants sharded but cannot (no dimension divisible by the axis) are replicated, and
+  listed once in the log, as big_vision does: they cost memory on every device.
+  """
+  compiled = _compile_rules(rules)
+  unsharded = []
 
   def one(path, leaf):
     name = _path_str(path)
     for regex, tactic in compiled:
       if regex.fullmatch(name):
-        return NamedSharding(mesh, tactic(np.shape(leaf), mesh))
+        spec = tactic(np.shape(leaf), mesh)
+        if spec is None:
+          unsharded.append(f"{name}{tuple(np.shape(leaf))}")
+          spec = P()
+        return NamedSharding(mesh, spec)
     return NamedSharding(mesh, P())
 
-  return jax.tree_util.tree_map_with_path(one, params)
+  out = jax.tree_util.tree_map_with_path(one, params)
+  if unsharded:
+    logging.warning("sharding: %d param(s) replicated, no dimension divisible by the mesh axis: %s",
+                    len(unsharded), ", ".join(unsharded[:10]) + (" ..." if len(unsharded) > 10 else ""))
+  return out
 
 
 def shard_params(params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   return jax.device_put(params, param_shardings(params, mesh, rules))
+
+
+def place_params(params: Any, mesh: Mesh) -> Any:
+  """Params already placed on `mesh` (replicated or FSDP-sharded) stay; anything else is replicated."""
+  def place(x):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+      return x
+    return jax.device_put(x, replicated(mesh))
+  return jax.tree_util.tree_map(place, params)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

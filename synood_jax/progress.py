@@ -1,6 +1,8 @@
 """A tiny progress reporter for long jobs: done/total, items/s and ETA, logged through absl.
 
     progress = Progress(total=steps, initial=start_step, name="stage2", every_secs=30)
+    compile_first_step()
+    progress.restart()         # the rate and ETA exclude the compile
     for step in range(start_step, steps):
       ...
       progress.update()        # logs at most every `every_secs` (and always on the last item)
@@ -49,6 +51,13 @@ class Progress:
     self._start = clock()
     self._last_log = self._start
     self.last_message = ""
+
+  def restart(self, done: int = 0) -> None:
+    """Counts rate and ETA from now, e.g. after a compile: the items done so far, plus `done` more
+    (say the batch that compiled), are not part of the pace."""
+    self.done += int(done)
+    self._initial = self.done
+    self._start = self._last_log = self._clock()
 
   @property
   def rate(self) -> float:

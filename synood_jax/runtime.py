@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging as py_logging
 import os
 import time
 
@@ -9,8 +10,30 @@ import jax
 from absl import logging
 
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _OwnInfoOnly(py_logging.Filter):
+  """Keeps warnings and errors from anywhere, and info lines only from this repository's files
+  (orbax logs about 20 INFO lines per checkpoint through absl, which would bury ours)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or os.path.abspath(record.pathname).startswith(_REPO + os.sep)
+
+
+def quiet_library_logs() -> None:
+  """Libraries' INFO lines (orbax, etils, ...) off unless --verbosity >= 1; ours stay."""
+  handler = logging.get_absl_handler()
+  if logging.get_verbosity() >= 1:
+    return
+  if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+    handler.addFilter(_OwnInfoOnly())
+
+
 def setup(config) -> None:
-  """Persistent compilation cache on by default (a config field), multi-host when asked."""
+  """Persistent compilation cache on by default (a config field), multi-host when asked, libraries'
+  INFO logs off (--verbosity=1 shows them)."""
+  quiet_library_logs()
   cache = config.get("compile_cache_dir", os.path.expanduser("~/.cache/synood_jax/xla"))
   if cache:
     jax.config.update("jax_compilation_cache_dir", cache)

@@ -334,3 +334,47 @@ def cosine(a, b):
 def jax_leaves(tree):
   import jax
   return jax.tree_util.tree_leaves(tree)
+
+
+def test_zero_shot_equals_clip_model_logits(good_folder):
+  """clip.zero_shot from PIL / uint8 images against transformers' CLIPModel logits_per_image (one
+  template), the template ensemble, preprocessed input, a mesh and a bundle without logit_scale."""
+  from synood_jax import parallel
+  model = transformers.CLIPModel.from_pretrained(good_folder).eval()
+  proc = transformers.CLIPImageProcessor.from_pretrained(good_folder)
+  tok = transformers.CLIPTokenizer.from_pretrained(good_folder)
+  bundle = clip.from_pretrained(good_folder)
+  ims = _images()[:5] + _images()[-2:]  # arrays of several sizes, a grayscale and an RGBA PIL image
+  classes, templates = ["cat", "dog", "red fox"], ["a photo of a {}.", "a {} in the wild."]
+  pixels = torch.tensor(proc(images=ims, return_tensors="np")["pixel_values"])
+
+  def ids(texts):
+    return torch.tensor(tok(texts, padding="max_length", max_length=77)["input_ids"])
+
+  got = clip.zero_shot(bundle, ims, classes)
+  with torch.no_grad():
+    out = model(input_ids=ids([templates[0].format(c) for c in classes]), pixel_values=pixels)
+  want = out.logits_per_image.numpy()
+  assert got.logits.shape == (len(ims), 3)
+  err = np.abs(got.logits - want).max() / np.abs(want).max()
+  print(f"zero-shot logits vs transformers CLIPModel: {err:.2e} relative")
+  assert err <= 1e-5
+  np.testing.assert_allclose(got.probs, out.logits_per_image.softmax(-1).numpy(), atol=1e-6, rtol=0)
+
+  with torch.no_grad():
+    img = model.visual_projection(model.vision_model(pixels).pooler_output).numpy()
+    txt = model.text_projection(model.text_model(ids([t.format(c) for c in classes for t in templates]))
+                                .pooler_output).numpy()
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  t_c = unit(unit(txt).reshape(3, 2, -1).mean(1))
+  ensemble = model.logit_scale.exp().item() * unit(img) @ t_c.T
+  both = clip.zero_shot(bundle, ims, classes, templates)
+  np.testing.assert_allclose(both.logits, ensemble, atol=1e-5 * np.abs(ensemble).max(), rtol=0)
+  pre = clip_preprocess.preprocess(ims, clip_preprocess.load_config(good_folder))
+  np.testing.assert_allclose(clip.zero_shot(bundle, pre, classes, templates, preprocessed=True).logits,
+                             both.logits, atol=1e-6, rtol=0)
+  on_mesh = clip.zero_shot(bundle, ims, classes, templates, mesh=parallel.make_mesh())
+  np.testing.assert_allclose(on_mesh.logits, both.logits, atol=1e-5, rtol=0)
+  no_scale = {k: v for k, v in bundle.params.items() if k != "logit_scale"}
+  with pytest.raises(ValueError, match="no logit_scale"):
+    clip.zero_shot(bundle, ims, classes, params=no_scale)

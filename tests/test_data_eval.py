@@ -1,4 +1,5 @@
 """Data loading, dataset preparation and the zero-shot evaluation, against numpy / sklearn."""
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -151,49 +152,54 @@ def eval_run(tmp_path_factory):
                                 "This is a bright photo\nthe nice tree\nthe nice car\n")
   clip_path = _make_tiny_clip(str(root / "clip"))
   config = _eval_config("runlocal")
-  config.clip_path = clip_path
-  config.id_set = f"colors={root / 'id'}"
-  config.ood_sets = f"ood_a={root / 'ood_a'},ood_b={root / 'ood_b'}"
-  config.classnames = str(root / "classes.txt")
+  config.models.clip_path = clip_path
+  config.eval.id_set = f"colors={root / 'id'}"
+  config.eval.ood_sets = f"ood_a={root / 'ood_a'},ood_b={root / 'ood_b'}"
+  config.data.classnames = str(root / "classes.txt")
   (root / "classes.txt").write_text("red\ngreen\nblue\n")
-  config.templates = "a photo of a {}."
   config.negatives.label_list = str(root / "neg.txt")
-  config.groups = 2
-  config.batch_size = 8
-  config.score_batch_size = 32
-  config.num_threads = 2
+  config.eval.groups = 2
+  config.eval.batch_size = 8
+  config.eval.score_batch_size = 32
+  config.eval.num_threads = 2
   workdir = str(root / "work")
-  results = evaluation.evaluate(config, workdir)
+  results = evaluation.evaluate_config(config, workdir)  # what launch/evaluate.py runs
   return root, config, workdir, results
 
 
 def _np_scores(img, id_text, neg_text, groups, temperature, mcm_temperature):
-  """Independent numpy MCM and NegLabel (grouping: default_rng(0).permutation, remainder dropped)."""
+  """Independent numpy MCM and NegLabel (grouping: default_rng(0).permutation, remainder dropped);
+  id_text: {method: its ID class features}."""
   def softmax(z):
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-  img, id_text, neg_text = (np.asarray(a, np.float64) for a in (img, id_text, neg_text))
-  mcm = softmax(img @ id_text.T / mcm_temperature).max(axis=1)
+  img, neg_text = np.asarray(img, np.float64), np.asarray(neg_text, np.float64)
+  mcm_text, neg_id = (np.asarray(id_text[m], np.float64) for m in ("mcm", "neglabel"))
+  mcm = softmax(img @ mcm_text.T / mcm_temperature).max(axis=1)
   keep = len(neg_text) - len(neg_text) % groups
   perm = np.random.default_rng(0).permutation(keep).reshape(groups, -1)
   per_group = []
   for g in perm:
-    p = softmax(np.concatenate([img @ id_text.T, img @ neg_text[g].T], axis=1) / temperature)
-    per_group.append(p[:, :len(id_text)].sum(axis=1))
+    p = softmax(np.concatenate([img @ neg_id.T, img @ neg_text[g].T], axis=1) / temperature)
+    per_group.append(p[:, :len(neg_id)].sum(axis=1))
   return {"mcm": mcm, "neglabel": np.mean(per_group, axis=0)}
 
 
-def _sk_metrics(s_id, s_ood, convention):
-  from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+def _reference_metrics(s_id, s_ood, convention):
+  """sklearn's AUROC / AP; FPR95 as each convention's peer computes it (tests/test_scores_metrics.py)."""
+  from sklearn.metrics import average_precision_score, roc_auc_score
+  from test_scores_metrics import _nearest_recall_fpr, _openood_fpr
   y = np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))]
   s = np.r_[s_id, s_ood]
-  if convention == "id_positive":
-    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
-  else:
-    fpr, tpr, _ = roc_curve(1 - y, -s, drop_intermediate=False)
-  return dict(fpr95=fpr[np.argmax(tpr >= 0.95)], auroc=roc_auc_score(y, s),
-              aupr_in=average_precision_score(y, s), aupr_out=average_precision_score(1 - y, -s))
+  fpr95 = _nearest_recall_fpr(s_id, s_ood) if convention == "id_positive" else _openood_fpr(s_id, s_ood)
+  return dict(fpr95=fpr95, auroc=roc_auc_score(y, s), aupr_in=average_precision_score(y, s),
+              aupr_out=average_precision_score(1 - y, -s))
+
+
+def _id_texts(workdir):
+  with np.load(os.path.join(workdir, "text_features.npz")) as z:
+    return {m: z[f"id_text/{m}"] for m in ("mcm", "neglabel")}, z["neg_text"]
 
 
 def test_evaluate_outputs_match_sklearn(eval_run):
@@ -201,10 +207,11 @@ def test_evaluate_outputs_match_sklearn(eval_run):
   on_disk = json.loads(open(os.path.join(workdir, "results.json")).read())
   assert on_disk["methods"].keys() == {"mcm", "neglabel"}
   assert on_disk["ood_sets"] == ["ood_a", "ood_b"]
+  assert on_disk["header"]["fpr95_rules"] == {"id_positive": "neglabel", "ood_positive": "openood"}
   # The corrupt OOD image is reported by path, and left out of the features.
   assert [f["path"] for f in on_disk["failures"]["ood_a"]] == [str(root / "ood_a" / "3.png")]
   assert on_disk["header"]["ood_counts"] == {"ood_a": 6, "ood_b": 7} and on_disk["header"]["id_count"] == 18
-  text = np.load(os.path.join(workdir, "text_features.npz"))
+  id_text, neg_text = _id_texts(workdir)
   saved = np.load(os.path.join(workdir, "scores.npz"))
   feats = {}
   for name in ("colors", "ood_a", "ood_b"):
@@ -212,28 +219,49 @@ def test_evaluate_outputs_match_sklearn(eval_run):
       assert not np.allclose(np.linalg.norm(z["features"], axis=1), 1, atol=1e-3)
       feats[name] = z["features"] / np.linalg.norm(z["features"], axis=1, keepdims=True)
   assert feats["colors"].shape == (18, 16)
-  scores = {name: _np_scores(f, text["id_text"], text["neg_text"], 2, 0.01, 1.0) for name, f in feats.items()}
+  scores = {name: _np_scores(f, id_text, neg_text, 2, 0.01, 1.0) for name, f in feats.items()}
   for method in ("mcm", "neglabel"):
     for name in feats:
       np.testing.assert_allclose(saved[f"{method}/{name}"], scores[name][method], rtol=1e-4, atol=1e-6)
     for conv in ("id_positive", "ood_positive"):
       per = on_disk["methods"][method][conv]
-      sk = {s: _sk_metrics(saved[f"{method}/colors"], saved[f"{method}/{s}"], conv) for s in ("ood_a", "ood_b")}
+      ref = {s: _reference_metrics(saved[f"{method}/colors"], saved[f"{method}/{s}"], conv)
+             for s in ("ood_a", "ood_b")}
       for s in ("ood_a", "ood_b"):
-        for k, v in sk[s].items():
+        for k, v in ref[s].items():
           np.testing.assert_allclose(per[s][k], v, rtol=1e-12, atol=1e-12, err_msg=f"{method} {conv} {s} {k}")
-      for k in sk["ood_a"]:
-        np.testing.assert_allclose(per["average"][k], (sk["ood_a"][k] + sk["ood_b"][k]) / 2, rtol=1e-12)
-  # Zero-shot ID accuracy from the cached features.
-  labels = np.load(on_disk["cache"]["colors"])["labels"]
-  acc = np.mean(np.argmax(feats["colors"] @ text["id_text"].T, 1) == labels)
-  assert on_disk["id_accuracy"] == pytest.approx(acc)
+      for k in ref["ood_a"]:
+        np.testing.assert_allclose(per["average"][k], (ref["ood_a"][k] + ref["ood_b"][k]) / 2, rtol=1e-12)
+  # Zero-shot ID accuracy from the cached features, with each method's prompts. The cached labels index
+  # the set's sorted folders (blue, green, red); the class names file says red, green, blue: a folder's
+  # class is the name's line, not its position among the folders.
+  folder = np.asarray(["blue", "green", "red"])[np.load(on_disk["cache"]["colors"])["labels"]]
+  truth = np.asarray([["red", "green", "blue"].index(f) for f in folder])
+  for m, t in id_text.items():
+    assert on_disk["id_accuracy"][m] == pytest.approx(np.mean(np.argmax(feats["colors"] @ t.T, 1) == truth))
+
+
+def test_each_method_prompts_as_its_paper(eval_run):
+  from synood_jax.models import clip
+  root, config, workdir, results = eval_run
+  assert imagenet_classes.load_templates("mcm") == ["a photo of a {}"]  # MCM's prompt: no period
+  id_text, neg_text = _id_texts(workdir)
+  bundle = clip.from_pretrained(config.models.clip_path)
+  for method, prompt in (("mcm", "a photo of a {}"), ("neglabel", "the nice {}")):
+    prompts = [prompt.format(c) for c in ("red", "green", "blue")]
+    want = evaluation.encode_prompts(bundle, bundle.params, prompts, 8)
+    np.testing.assert_allclose(id_text[method], want, atol=1e-6, err_msg=method)
+  assert results["header"]["templates"] == {"mcm": ["a photo of a {}"], "neglabel": ["the nice {}"]}
+  prompts = [line for line in (root / "neg.txt").read_text().splitlines()]
+  np.testing.assert_allclose(neg_text, evaluation.encode_prompts(bundle, bundle.params, prompts, 8), atol=1e-6)
 
 
 def test_evaluate_report_files(eval_run):
   root, config, workdir, results = eval_run
   md = open(os.path.join(workdir, "results.md")).read()
-  assert f"`{root / 'classes.txt'}`" in md and "'a photo of a {}.'" in md
+  assert f"`{root / 'classes.txt'}`" in md
+  assert "MCM 'a photo of a {}'; NegLabel 'the nice {}'" in md
+  assert "operating point 'neglabel': recall nearest 0.95" in md and "operating point 'openood'" in md
   assert "| MCM |" in md and "| NegLabel |" in md and "ood_a" in md and "Average" in md
   fpr = results["methods"]["neglabel"]["id_positive"]["ood_b"]["fpr95"]
   assert f"{100 * fpr:.2f}" in md
@@ -242,24 +270,54 @@ def test_evaluate_report_files(eval_run):
       assert im.format == "PNG" and im.size[0] > 100
 
 
-def test_evaluate_cache_and_tuned_hook(eval_run):
+def test_evaluate_api_with_explicit_arguments(eval_run, tmp_path):
+  """The API without a config: a CLIP bundle, sets, negatives and an extra score; then precomputed
+  features and text, without a model."""
+  from synood_jax.models import clip
   root, config, workdir, results = eval_run
   caches = {k: os.stat(v).st_mtime_ns for k, v in results["cache"].items()}
+  bundle = clip.from_pretrained(config.models.clip_path)
+  classnames = ["red", "green", "blue"]
+  sets = evaluation.load_sets({"colors": str(root / "id")},
+                              {"ood_a": str(root / "ood_a"), "ood_b": str(root / "ood_b")})
+  negatives = evaluation.encode_negatives(bundle, classnames, label_list=str(root / "neg.txt"), batch_size=8)
   rot = np.linalg.qr(np.random.default_rng(3).normal(size=(16, 16)))[0].astype(np.float32)
-  tuned_neg = np.random.default_rng(4).normal(size=(6, 16)).astype(np.float32)
-  tuned_neg /= np.linalg.norm(tuned_neg, axis=1, keepdims=True)
-  again = evaluation.evaluate(config, workdir, image_transform=lambda x: x @ rot, negative_features=tuned_neg,
-                              extra_methods={"max_cos": lambda x, ctx: (x @ ctx["id_text"].T).max(axis=1)})
+  options = evaluation.Options(groups=2, batch_size=8, score_batch_size=32,
+                               cache_dir=os.path.join(workdir, "cache"))
+  again = evaluation.evaluate(str(tmp_path / "a"), sets, "colors", clip=bundle, classnames=classnames,
+                              negatives=negatives, options=options,
+                              methods={"rotated_max_cos": lambda x: (x @ rot).max(axis=1)})
   assert {k: os.stat(v).st_mtime_ns for k, v in again["cache"].items()} == caches  # features from the cache
-  assert again["methods"]["mcm"] == results["methods"]["mcm"]
-  saved = np.load(os.path.join(workdir, "scores.npz"))
-  text = np.load(os.path.join(workdir, "text_features.npz"))
+  for m in ("mcm", "neglabel"):
+    assert again["methods"][m] == results["methods"][m]
+  saved = np.load(str(tmp_path / "a" / "scores.npz"))
   with np.load(again["cache"]["ood_b"]) as z:
     f = z["features"]
-  want = _np_scores(f @ rot, text["id_text"], tuned_neg, 2, 0.01, 1.0)["neglabel"]
-  np.testing.assert_allclose(saved["synood/ood_b"], want, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(saved["max_cos/ood_b"], (f @ text["id_text"].T).max(1), rtol=1e-5)
-  assert "| SynOOD |" in open(os.path.join(workdir, "results.md")).read()
+  np.testing.assert_allclose(saved["rotated_max_cos/ood_b"], (f @ rot).max(1), rtol=1e-5)
+  assert "| rotated_max_cos |" in open(tmp_path / "a" / "results.md").read()
+  # Precomputed features and ID text: no model at all.
+  feats = {k: evaluation.load_cached(v) for k, v in results["cache"].items()}
+  id_text, _ = _id_texts(workdir)
+  third = evaluation.evaluate(str(tmp_path / "b"), feats, "colors", negatives=negatives, id_text=id_text,
+                              options=dataclasses.replace(options, plots=False))
+  assert third["methods"] == results["methods"] and third["header"]["model"] == "(precomputed features)"
+
+
+def test_evaluate_errors_name_method_and_set(eval_run, tmp_path):
+  root, config, workdir, results = eval_run
+  feats = {k: evaluation.load_cached(v) for k, v in results["cache"].items()}
+  id_text = _id_texts(workdir)[0]
+  bad = feats["ood_b"].features.copy()
+  bad[2] = np.nan
+  broken = {**feats, "ood_b": dataclasses.replace(feats["ood_b"], features=bad)}
+  with pytest.raises(ValueError, match=r"method 'mcm', set 'ood_b': 1 of 7 scores are not finite \(first at "
+                                       r"index 2"):
+    evaluation.evaluate(str(tmp_path), broken, "colors", id_text=id_text,
+                        options=evaluation.Options(scores=("mcm",), plots=False, score_batch_size=32))
+  with pytest.raises(ValueError, match="needs `negatives`"):
+    evaluation.evaluate(str(tmp_path), feats, "colors", id_text=id_text)
+  with pytest.raises(ValueError, match="eval.fpr95_rules: id_positive='nearest'"):
+    evaluation.Options(fpr95_rules={"id_positive": "nearest"})
 
 
 def test_evaluate_stops_on_missing_file_before_model(tmp_path):
@@ -269,11 +327,11 @@ def test_evaluate_stops_on_missing_file_before_model(tmp_path):
   lst = tmp_path / "l.txt"
   lst.write_text("ood/0.png 0\nood/7.png 0\n")
   config = _eval_config()
-  config.clip_path = str(tmp_path / "no-model")  # never reached
-  config.id_set = f"id=list:{lst}:{tmp_path}"
-  config.ood_sets = f"o={tmp_path / 'ood'}"
+  config.models.clip_path = str(tmp_path / "no-model")  # never reached
+  config.eval.id_set = f"id=list:{lst}:{tmp_path}"
+  config.eval.ood_sets = f"o={tmp_path / 'ood'}"
   with pytest.raises(data.DataError, match="missing " + str(tmp_path / "ood" / "7.png")):
-    evaluation.evaluate(config, str(tmp_path / "work"))
+    evaluation.evaluate_config(config, str(tmp_path / "work"))
 
 
 def test_markdown_table_layout():
@@ -326,3 +384,42 @@ def test_tfds_array_record_source(tmp_path):
   assert loader.failures == []
   ood = data.load_dataset({"kind": "tfds", "dataset": builder.data_dir, "split": "test", "ood": True}, "t")
   assert ood.name == "t" and set(ood.labels.tolist()) == {-1}
+
+
+def test_partial_sets_are_named_as_such(tmp_path):
+  """Issue 11, item 7. Before: a SUN folder of 8 images appeared as 'SUN' with a count only."""
+  records = lambda n: [data.Record(f"/x/{i}.jpg") for i in range(n)]
+  sets = {"imagenet_val": data.Dataset("imagenet_val", records(50)),         # benchmark name: 50,000
+          "sun": data.Dataset("sun", records(8)),                            # benchmark name: 10,000
+          "near": data.Dataset("near", records(3), expected=3),              # its manifest says 3
+          "mine": data.Dataset("mine", records(4))}                          # unknown: never partial
+  found = {"imagenet_val": 50, "sun": 7, "near": 3, "mine": 4}                # one SUN image unreadable
+  feats = {k: evaluation.Features(np.zeros((n, 2), np.float32), np.zeros(n), np.arange(n), [])
+           for k, n in found.items()}
+  counts = evaluation.set_counts(sets, feats)
+  assert counts == {"imagenet_val": {"found": 50, "listed": 50, "expected": 50_000},
+                    "sun": {"found": 7, "listed": 8, "expected": 10_000},
+                    "near": {"found": 3, "listed": 3, "expected": 3},
+                    "mine": {"found": 4, "listed": 4, "expected": None}}
+  assert [report.set_label(k, counts) for k in counts] == ["imagenet_val (50 of 50,000)", "SUN (7 of 10,000)",
+                                                           "near", "mine"]
+  per = {"fpr95": 0.5, "auroc": 0.75, "aupr_in": 0.5, "aupr_out": 0.5}
+  results = {"id_set": "imagenet_val", "ood_sets": ["sun", "near", "mine"], "conventions": ["id_positive"],
+             "counts": counts, "methods": {"mcm": {"id_positive": {s: per for s in ["sun", "near", "mine", "average"]}}},
+             "header": {"id_set": "imagenet_val", "id_count": 50, "ood_counts": {"sun": 7, "near": 3, "mine": 4}}}
+  md = report.markdown(results)
+  assert "| Method | SUN (7 of 10,000) FPR95↓ | SUN (7 of 10,000) AUROC↑ | near FPR95↓" in md
+  assert ("- ID set: `imagenet_val` (50 of 50,000 images: **partial**); OOD sets: `sun` (7 of 10,000 images: "
+          "**partial**), `near` (3), `mine` (4)") in md
+  titles = []
+  orig = report.plot_roc
+  report.plot_roc = lambda i, o, path, title, conv: titles.append(title)
+  try:
+    report.write_plots({"mcm": {s: np.arange(4.0) for s in sets}}, "imagenet_val", ["sun"], str(tmp_path),
+                       counts=counts)
+  finally:
+    report.plot_roc = orig
+  assert titles == ["ROC: imagenet_val (50 of 50,000) vs SUN (7 of 10,000)"]
+  # prepare's manifests carry the expected size
+  data.write_manifest(sets["near"], str(tmp_path / "near.jsonl"))
+  assert data.read_manifest(str(tmp_path / "near.jsonl")).expected == 3

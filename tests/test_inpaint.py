@@ -29,6 +29,10 @@ def folder(tmp_path_factory):
   public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}
   unet = _perturbed(diffusers.UNet2DConditionModel(**public(tiny_sd.TINY_UNET_CONFIG)), 1)
   vae = _perturbed(diffusers.AutoencoderKL(**public(tiny_sd.TINY_VAE_CONFIG)), 2)
+  with torch.no_grad():  # posterior std exp(-15) = 3e-7: diffusers' VAE samples equal the means to 1e-6
+    latent = tiny_sd.TINY_VAE_CONFIG["latent_channels"]
+    vae.quant_conv.weight[latent:] = 0
+    vae.quant_conv.bias[latent:] = -30.0
   text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**tiny_sd.TINY_TEXT_CONFIG)).eval()
   tok_dir = tiny.write_char_tokenizer(str(root / "tok"))
   pipe = diffusers.StableDiffusionInpaintPipeline(
@@ -170,3 +174,135 @@ def test_pipeline_folder_errors_name_what_is_missing(tmp_path):
     (tmp_path / sub).mkdir()
   with pytest.raises(CheckpointError, match="missing subfolder 'scheduler'"):
     pipeline.load_inpaint_pipeline(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The one call (pipeline.inpaint / pipe(...)) against StableDiffusionInpaintPipeline.__call__ end to end.
+
+CALL_PROMPTS = ["A photo only remain a green meadow.", "A photo only remain the sky."]
+CALL_NEGATIVE = ["blurry", ""]
+
+
+@pytest.fixture(scope="module")
+def call_inputs():
+  """Images in [0, 1], masks with soft values (binarized at 0.5), fixed starting latents (NHWC)."""
+  rng = np.random.default_rng(3)
+  image = rng.uniform(size=(2, IMAGE, IMAGE, 3)).astype(np.float32)
+  mask = np.zeros((2, IMAGE, IMAGE, 1), np.float32)
+  mask[0, 4:20, 6:30] = 1.0
+  mask[1, 10:] = 0.7
+  mask[1, :, :5] = 0.3
+  latents = rng.standard_normal((2, LATENT, LATENT, 4)).astype(np.float32)
+  return image, mask, latents
+
+
+def _diffusers_call(pipe, inputs, output_type):
+  image, mask, latents = inputs
+  pipe.scheduler = diffusers.PNDMScheduler.from_config(tiny_sd.SD2_INPAINT_SCHEDULER)
+  with torch.no_grad():
+    out = pipe(prompt=CALL_PROMPTS, negative_prompt=CALL_NEGATIVE, image=image, mask_image=mask,
+               latents=_nchw(latents), strength=STRENGTH, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+               output_type=output_type, height=IMAGE, width=IMAGE).images
+  return out if output_type == "np" else out.numpy().transpose(0, 2, 3, 1)
+
+
+def _call(pipe, params, inputs, **kwargs):
+  image, mask, latents = inputs
+  return pipe(params, CALL_PROMPTS, image, mask, CALL_NEGATIVE, strength=STRENGTH, num_inference_steps=STEPS,
+              guidance_scale=GUIDANCE, latents=latents, return_latents=True, **kwargs)
+
+
+def test_one_call_matches_diffusers_pipeline(folder, call_inputs):
+  """Images (output_type="np") and latents (output_type="latent") within 1e-4 relative; the compiled
+  program lives on the pipeline object, which is freed with it."""
+  import gc
+  import weakref
+  ref_images = _diffusers_call(folder[1], call_inputs, "np")
+  ref_latents = _diffusers_call(folder[1], call_inputs, "latent")
+  pipe, params = pipeline.load_inpaint_pipeline(folder[0])
+  images, latents = _call(pipe, params, call_inputs)
+  assert images.shape == (2, IMAGE, IMAGE, 3) and images.dtype == jnp.float32
+  img_err = np.abs(np.asarray(images) - ref_images).max() / np.abs(ref_images).max()
+  lat_err = np.abs(np.asarray(latents) - ref_latents).max() / np.abs(ref_latents).max()
+  print(f"one-call inpaint vs diffusers: images {img_err:.2e}, latents {lat_err:.2e} relative")
+  assert img_err <= 1e-4 and lat_err <= 1e-4
+  # a new seed, guidance or strength < 1 reuses the program (no latents: noise drawn from the seed)
+  again = pipe(params, CALL_PROMPTS, call_inputs[0], call_inputs[1], strength=0.8, num_inference_steps=STEPS,
+               guidance_scale=3.0, seed=7)
+  assert again.shape == images.shape and np.isfinite(np.asarray(again)).all()
+  program = pipe._programs["inpaint"]
+  assert program._cache_size() == 2  # latents given / drawn
+  alive = weakref.ref(pipe)
+  del pipe, program
+  gc.collect()
+  assert alive() is None, "something still holds the pipeline (and its compiled programs)"
+
+
+def test_one_call_sharded_over_mesh_equals_one_device(folder, call_inputs):
+  pipe, params = pipeline.load_inpaint_pipeline(folder[0])
+  ref_images, ref_latents = _call(pipe, params, call_inputs)
+  mesh = parallel.make_mesh(data=2, fsdp=4)
+  images, latents = _call(pipe, parallel.shard_params(params, mesh), call_inputs, mesh=mesh)
+  assert images.shape == (2, IMAGE, IMAGE, 3)  # padded to 8 rows on the mesh, cut back
+  np.testing.assert_allclose(np.asarray(images), np.asarray(ref_images), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(latents), np.asarray(ref_latents), atol=1e-4, rtol=0)
+
+
+def test_image_and_mask_conventions_match_diffusers_processors(folder):
+  """PIL (resized with Lanczos, RGB / grayscale) and arrays ([0, 1] floats, or uint8 / 255) become what
+  diffusers' image_processor / mask_processor make of them."""
+  from PIL import Image
+  from synood_jax.diffusion import images as image_lib
+  ref = folder[1]
+  rng = np.random.default_rng(4)
+  pil = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+  pil_mask = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))  # RGB -> grayscale
+  arr = rng.uniform(size=(2, IMAGE, IMAGE, 3)).astype(np.float32)
+  arr_mask = rng.uniform(size=(IMAGE, IMAGE)).astype(np.float32)
+  u8 = (arr * 255).round().astype(np.uint8)
+  # diffusers would take uint8 arrays as values in [0, 255] (2 x - 1 up to 509); ours divides by 255
+  for image, mask, as_float in ((pil, pil_mask, pil), (arr, arr_mask, arr), (u8, arr_mask[..., None], u8 / 255.0)):
+    ours_x, ours_m = image_lib.image_and_mask(image, mask, IMAGE, IMAGE, 2)
+    want_x = ref.image_processor.preprocess(as_float, height=IMAGE, width=IMAGE).numpy().transpose(0, 2, 3, 1)
+    want_m = ref.mask_processor.preprocess(mask, height=IMAGE, width=IMAGE).numpy().transpose(0, 2, 3, 1)
+    want_x = np.broadcast_to(want_x, (2,) + want_x.shape[1:]) if len(want_x) == 1 else want_x
+    np.testing.assert_allclose(ours_x, want_x, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(ours_m, np.broadcast_to(want_m, ours_m.shape))
+  with pytest.raises(ValueError, match=r"image: float pixels must lie in \[0, 1\]"):
+    image_lib.image_and_mask(arr * 2 - 1, arr_mask, IMAGE, IMAGE, 2)
+  with pytest.raises(ValueError, match="mask_image: array of size 16x16, want 32x32"):
+    image_lib.image_and_mask(arr, arr_mask[:16, :16], IMAGE, IMAGE, 2)
+  with pytest.raises(ValueError, match="image: 3 images for 2 prompts"):
+    image_lib.image_and_mask(np.concatenate([arr, arr[:1]]), arr_mask, IMAGE, IMAGE, 2)
+
+
+def test_pndm_on_a_folder_saved_with_ddim(folder, tmp_path):
+  """load_inpaint_pipeline(folder, scheduler="pndm") on a DDIM folder runs the scheduler diffusers'
+  pipeline runs (skip_prk_steps and steps_offset fixed by StableDiffusionInpaintPipeline.__init__)."""
+  import os
+  import shutil
+  src, ref = folder
+  dst = tmp_path / "ddim_pipe"
+  dst.mkdir()
+  for sub in ("unet", "vae", "text_encoder", "tokenizer"):
+    os.symlink(os.path.join(src, sub), dst / sub)
+  shutil.copy(os.path.join(src, "model_index.json"), dst / "model_index.json")
+  ddim = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                 clip_sample=False, set_alpha_to_one=False, steps_offset=0)
+  ddim.save_config(str(dst / "scheduler"))
+  with pytest.raises(schedulers.SchedulerConfigError, match="skip_prk_steps"):
+    schedulers.make_scheduler(schedulers.load_scheduler_config(str(dst)), "pndm")
+  pipe, _ = pipeline.load_inpaint_pipeline(str(dst), scheduler="pndm")
+  components = {k: v for k, v in ref.components.items() if k != "scheduler"}
+  ref_pipe = diffusers.StableDiffusionInpaintPipeline(
+      **components, scheduler=diffusers.PNDMScheduler.from_config(ddim.config), requires_safety_checker=False)
+  for key, value in pipe.scheduler.config.items():
+    assert ref_pipe.scheduler.config[key] == value, key
+  ref_pipe.scheduler.set_timesteps(STEPS)
+  np.testing.assert_array_equal(schedulers.set_timesteps(pipe.scheduler, STEPS), ref_pipe.scheduler.timesteps)
+  over, _ = pipeline.load_inpaint_pipeline(str(dst), scheduler="pndm",
+                                           scheduler_overrides={"timestep_spacing": "trailing"})
+  assert over.scheduler == schedulers.make_scheduler(ddim.config, "pndm", skip_prk_steps=True, steps_offset=1,
+                                                     timestep_spacing="trailing")
+  with pytest.raises(schedulers.SchedulerConfigError, match="the override"):
+    pipeline.load_inpaint_pipeline(str(dst), scheduler="pndm", scheduler_overrides={"skip_prk_steps": False})

@@ -131,3 +131,18 @@ def test_pseudo_labels_and_writer(tmp_path):
   assert json.loads((tmp_path / "p.json").read_text())[ids[0]] == dict(label=int(got[0]), name=names[got[0]])
   with pytest.raises(ValueError, match="37 image ids"):
     nl.write_pseudo_labels(str(tmp_path / "q.json"), ids, got[:3], names)
+
+
+def test_load_or_mine_one_rule_for_list_or_corpus(tmp_path):
+  (tmp_path / "nouns.txt").write_text("\n".join(NOUNS) + "\n")
+  (tmp_path / "adjs.txt").write_text("\n".join(ADJS) + "\n")
+  corpus = f"{tmp_path / 'nouns.txt'},{tmp_path / 'adjs.txt'}"
+  labels, prov = nl.load_or_mine(fake_encode, ID_NAMES, corpus=corpus)
+  assert labels.labels == reference_mining(ID_NAMES, NOUNS, ADJS)
+  assert prov == {"corpus": corpus, "nouns": len(NOUNS), "adjectives": len(ADJS), "percentile": 0.95,
+                  "keep_fraction": 0.15}
+  (tmp_path / "list.txt").write_text("the nice cloud\nThis is a dark photo\n")
+  never = lambda prompts: pytest.fail("a given list is not mined")
+  listed, prov = nl.load_or_mine(never, ID_NAMES, label_list=str(tmp_path / "list.txt"), corpus=corpus)
+  assert listed.labels == ["cloud", "dark"] and prov == {"label_list": str(tmp_path / "list.txt")}
+  assert nl.load_or_mine(never, ID_NAMES) is None

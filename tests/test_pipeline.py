@@ -1,6 +1,7 @@
 """The whole method on the demo config (tiny random models, generated images): every stage runs,
 the fine-tuning losses fall, the tuned model beats zero-shot NegLabel on held-out synthetic images,
-and a synthesis killed with SIGKILL and rerun equals the uninterrupted run."""
+a synthesis killed with SIGKILL and rerun equals the uninterrupted run, the negative prompts are
+encoded once, and the README's example scores a folder with the exported model."""
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from synood_jax.ood import evaluation
 from synood_jax.pipeline import stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,9 +29,18 @@ def demo_config():
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+  """(workdir, stage infos, every prompt list the run encoded with `evaluation.encode_prompts`)."""
   workdir = str(tmp_path_factory.mktemp("demo"))
-  infos = stages.run(demo_config(), workdir)
-  return workdir, infos
+  encoded, encode = [], evaluation.encode_prompts
+
+  def counting(bundle, params, prompts, *args, **kwargs):
+    encoded.append(list(prompts))
+    return encode(bundle, params, prompts, *args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(evaluation, "encode_prompts", counting)
+    infos = stages.run(demo_config(), workdir)
+  return workdir, infos, encoded
 
 
 def _losses(path):
@@ -41,12 +52,27 @@ def _losses(path):
 
 
 def test_every_stage_and_the_report(demo_run):
-  workdir, infos = demo_run
+  workdir, infos, _ = demo_run
   assert list(infos) == list(stages.STAGES)
   report = open(infos["report"]["report"]).read()
   assert "| SynOOD |" in report and "| NegLabel |" in report and "report_grid.png" in report
   assert os.path.exists(os.path.join(workdir, "report_grid.png"))
   assert os.path.exists(os.path.join(workdir, "eval", "plots", "roc_synthetic_heldout.png"))
+  # what ran: random models, m, r, K; the health counts; every class in the grid; the loss curves and
+  # the histograms linked; a baseline beating the tuned model said plainly (issue 11, item 10)
+  c = demo_config()
+  assert "**Models: the demo's tiny random models**" in report
+  assert f"target m = {c.synthesis.target}, step size r = {c.synthesis.step_size}, K = {c.synthesis.iterations}" in report
+  statuses = infos["synthesis"]["status"]
+  assert sum(statuses.values()) == 32 and f"32 synthetic images: ok {statuses['ok']}" in report
+  assert "12 pairs covering all 4 classes" in report
+  assert "![loss curves](report_losses.png)" in report and os.path.exists(os.path.join(workdir, "report_losses.png"))
+  assert "[SynOOD score histogram](eval/plots/hist_synood.png)" in report
+  results = json.load(open(os.path.join(workdir, "eval", "results.json")))
+  auroc = lambda m, s: results["methods"][m]["id_positive"][s]["auroc"]
+  beaten = any(auroc(m, s) > auroc("synood", s) for m in results["methods"] for s in results["ood_sets"] + ["average"])
+  assert ("A baseline beats the tuned model" in report) == beaten
+  assert json.load(open(os.path.join(workdir, "config.json")))["synthesis"]["target"] == c.synthesis.target
   # a rerun skips every finished stage
   start = time.perf_counter()
   again = stages.run(demo_config(), workdir)
@@ -54,7 +80,7 @@ def test_every_stage_and_the_report(demo_run):
 
 
 def test_refinement_moves_scores_toward_the_target(demo_run):
-  workdir, _ = demo_run
+  workdir, _, _ = demo_run
   manifest = [json.loads(line) for line in open(os.path.join(workdir, "synthesis", "manifest.jsonl"))]
   target = demo_config().synthesis.target
   dist = np.abs(np.asarray([m["scores"] for m in manifest]) - target).mean(axis=0)
@@ -63,7 +89,7 @@ def test_refinement_moves_scores_toward_the_target(demo_run):
 
 
 def test_losses_fall_and_tuned_beats_zero_shot(demo_run):
-  workdir, _ = demo_run
+  workdir, _, _ = demo_run
   s2 = _losses(os.path.join(workdir, "stage2_projection", "metrics.jsonl"))
   s3 = _losses(os.path.join(workdir, "stage3_negatives", "metrics.jsonl"))
   print(f"stage 2 loss per epoch: {np.round(s2, 3)}\nstage 3 loss per epoch: {np.round(s3, 3)}")
@@ -81,7 +107,7 @@ def _synthesize_cmd(workdir):
 
 
 def test_synthesis_killed_and_resumed_equals_clean_run(demo_run, tmp_path):
-  clean, _ = demo_run
+  clean, _, _ = demo_run
   workdir = str(tmp_path / "killed")
   manifest = os.path.join(workdir, "synthesis", "manifest.jsonl")
   proc = subprocess.Popen(_synthesize_cmd(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -113,7 +139,7 @@ def test_synthesis_killed_and_resumed_equals_clean_run(demo_run, tmp_path):
 def test_exported_model_reproduces_the_tuned_scores(demo_run, tmp_path):
   import shutil
   from synood_jax.pipeline import export
-  workdir, _ = demo_run
+  workdir, _, _ = demo_run
   model = export.load_tuned(os.path.join(workdir, "export"))
   results = json.load(open(os.path.join(workdir, "eval", "results.json")))
   saved = np.load(os.path.join(workdir, "eval", "scores.npz"))
@@ -124,3 +150,46 @@ def test_exported_model_reproduces_the_tuned_scores(demo_run, tmp_path):
   os.remove(broken / "projection.npz")
   with pytest.raises(FileNotFoundError, match="projection.npz"):
     export.load_tuned(str(broken))
+
+
+def test_negative_prompts_encoded_once_per_run(demo_run):
+  workdir, _, encoded = demo_run
+  from synood_jax.labels import negative_labels as nl
+  prompts = nl.load_label_list(os.path.join(workdir, "negative_labels.json")).prompts
+  # Mining encodes every candidate word once (a superset); the kept prompts themselves once, by the
+  # negatives stage, whose features every later stage loads.
+  assert sum(p == prompts for p in encoded) == 1
+  saved = np.load(os.path.join(workdir, "negative_features.npz"))
+  assert [str(p) for p in saved["prompts"]] == prompts and saved["features"].shape[0] == len(prompts)
+
+
+def _readme_example() -> str:
+  text = open(os.path.join(ROOT, "README.md")).read()
+  section = text[text.index("## Score your own images with a tuned model"):]
+  return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_example_scores_a_folder(demo_run, tmp_path, capsys):
+  workdir, _, _ = demo_run
+  code = _readme_example()
+  for placeholder, path in {"/runs/synood_b16/export": os.path.join(workdir, "export"),
+                            "/data/my_photos": os.path.join(workdir, "data", "ood"),
+                            "/data/imagenet/val": os.path.join(workdir, "data", "val"),
+                            "/tmp/my_eval": str(tmp_path / "my_eval")}.items():
+    assert placeholder in code
+    code = code.replace(placeholder, path)
+  namespace = {}
+  exec(compile(code, "README.md", "exec"), namespace)
+  # The pipeline's evaluation scored the same folder (as 'ood_classes') with the tuned model.
+  pipeline = json.load(open(os.path.join(workdir, "eval", "results.json")))
+  saved = np.load(os.path.join(workdir, "eval", "scores.npz"))
+  scores, results = namespace["scores"], namespace["results"]
+  np.testing.assert_allclose(list(scores.values()), saved["synood/ood_classes"], atol=1e-5)
+  assert all(p.startswith(os.path.join(workdir, "data", "ood")) for p in scores)
+  for method in ("synood", "mcm"):
+    for conv in ("id_positive", "ood_positive"):
+      ours = results["methods"][method][conv]["my_photos"]
+      assert ours == pytest.approx(pipeline["methods"][method][conv]["ood_classes"], abs=1e-9), (method, conv)
+  out = capsys.readouterr().out
+  assert "| SynOOD |" in out and "| MCM |" in out
+  assert min(scores.values()) == pytest.approx(float(out.split()[0]), abs=1e-4)  # printed first: the lowest

@@ -170,8 +170,13 @@ CASES = [
 def test_step_matches_diffusers(kind, strength, overrides):
   """Teacher-forced (same input to both at every step): each step within 1e-6 (relative to the sample
   scale, at least 1). Free-running (each side feeds itself): the whole trajectory stays within 1e-5."""
+  assert_steps_match(lambda: both(kind, **overrides), strength)
+
+
+def assert_steps_match(make_both, strength):
+  """make_both() -> a fresh (diffusers scheduler, ours) pair; see test_step_matches_diffusers."""
   for steps in (20, 10):  # 10 < 15: DPM-Solver's lower_order_final regime
-    ref, sched = both(kind, **overrides)
+    ref, sched = make_both()
     ts_r, _ = torch_get_timesteps(ref, steps, strength)
     ts, _ = S.get_timesteps(sched, steps, strength)
     xr, xj = start_latents(ref, sched, ts, strength)
@@ -187,7 +192,7 @@ def test_step_matches_diffusers(kind, strength, overrides):
       xr = want
     assert int(state.counter) == len(ts)
 
-    ref, sched = both(kind, **overrides)
+    ref, sched = make_both()
     ts_r, _ = torch_get_timesteps(ref, steps, strength)
     xr, xj = start_latents(ref, sched, ts, strength)
     state = S.init_state(sched, ts, SHAPE)  # num_inference_steps inferred from the cut table
@@ -197,6 +202,48 @@ def test_step_matches_diffusers(kind, strength, overrides):
       xr = ref.step(torch.from_numpy(fake_model(xr.numpy(), t)), ts_r[i], xr).prev_sample
       xj, state = _step(sched, state, fake_model(np.asarray(xj), t), i, xj)
       np.testing.assert_allclose(np.asarray(xj), xr.numpy(), rtol=0, atol=1e-5)
+
+
+# What a DDIMScheduler built on its own saves (from_config of another class would keep that class's keys).
+DDIM_SAVED = json.loads(DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                      timestep_spacing="trailing").to_json_string())
+
+
+def test_overrides_as_from_config_kwargs():
+  """PNDM on a config saved by DDIMScheduler: refused with the override that fixes it; with the
+  override, the same config, timesteps and steps as PNDMScheduler.from_config(cfg, skip_prk_steps=True)."""
+  ddim_cfg = dict(DDIM_SAVED)
+  assert "skip_prk_steps" not in ddim_cfg
+  with pytest.raises(S.SchedulerConfigError, match="skip_prk_steps") as err:
+    S.make_scheduler(ddim_cfg, "pndm")
+  assert "make_scheduler(config, 'pndm', skip_prk_steps=True)" in str(err.value)
+  assert "scheduler_overrides={'skip_prk_steps': True}" in str(err.value)
+  with pytest.raises(S.SchedulerConfigError, match="no config key 'skip_prk'"):
+    S.make_scheduler(ddim_cfg, "pndm", skip_prk=True)
+  with pytest.raises(S.SchedulerConfigError, match="timestep_spacing.*the override"):
+    S.make_scheduler(ddim_cfg, "pndm", skip_prk_steps=True, timestep_spacing="karras")
+
+  overrides = dict(skip_prk_steps=True, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+  ref = PNDMScheduler.from_config(ddim_cfg, **overrides)
+  sched = S.make_scheduler(ddim_cfg, "pndm", **overrides)
+  for key, value in sched.config.items():
+    assert ref.config[key] == (list(value) if isinstance(value, tuple) else value), key
+  for steps in (20, 7):
+    ref.set_timesteps(steps)
+    np.testing.assert_array_equal(S.set_timesteps(sched, steps), ref.timesteps.numpy())
+  assert_steps_match(lambda: (PNDMScheduler.from_config(ddim_cfg, **overrides),
+                              S.make_scheduler(ddim_cfg, "pndm", **overrides)), 0.6)
+
+
+def test_inpaint_pipeline_scheduler_fixes_outdated_fields():
+  """StableDiffusionInpaintPipeline.__init__ sets steps_offset=1 and PNDM's skip_prk_steps=True."""
+  cfg = dict(DDIM_SAVED, steps_offset=0)
+  pndm = S.inpaint_pipeline_scheduler(cfg, "pndm")
+  assert pndm.skip_prk_steps is True and pndm.steps_offset == 1
+  assert pndm == S.make_scheduler(cfg, "pndm", skip_prk_steps=True, steps_offset=1)
+  assert S.inpaint_pipeline_scheduler(cfg).steps_offset == 1
+  assert S.inpaint_pipeline_scheduler(cfg, "pndm", steps_offset=0).steps_offset == 0  # overrides win
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,4 +1,5 @@
 """Flax UNet2DConditionModel / AutoencoderKL against diffusers' PyTorch modules on tiny random models."""
+import copy
 import os
 
 import jax
@@ -229,6 +230,48 @@ def test_vae_init_params_loads_in_diffusers(tmp_path):
   model = diffusers.AutoencoderKL.from_pretrained(str(tmp_path))
   w = model.state_dict()["decoder.conv_out.weight"].numpy()
   np.testing.assert_array_equal(w, np.asarray(params["decoder"]["conv_out"]["kernel"]).transpose(3, 2, 0, 1))
+
+
+def _group_norm_f64(x, groups, eps):
+  """torch.nn.GroupNorm's definition in float64 numpy, NHWC."""
+  xd = x.astype(np.float64).reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
+  mean = xd.mean((1, 2, 4), keepdims=True)
+  var = np.square(xd - mean).mean((1, 2, 4), keepdims=True)
+  return ((xd - mean) / np.sqrt(var + eps)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 64, 64, 128), 32), ((1, 16, 16, 64), 8)])
+def test_group_norm_statistics_match_float64(shape, groups):
+  """Random activations and per-channel-constant ones (what the first GroupNorm of an all-zero image
+  sees): one XLA reduce over (H, W, C/G) was 1.1e-5 off on the constant input at 64x64x128."""
+  rng = np.random.default_rng(0)
+  rand = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
+  const = np.broadcast_to((rng.normal(size=shape[-1]) * 0.3 + 0.1).astype(np.float32), shape).copy()
+  norm = diffusion_layers.GroupNorm(groups, 1e-6)
+  params = {"scale": jnp.ones(shape[-1]), "bias": jnp.zeros(shape[-1])}
+  fn = jax.jit(lambda x: norm.apply({"params": params}, x))
+  for name, x, tol in (("random", rand, 2e-6), ("constant", const, 1e-6)):
+    err = np.abs(np.asarray(fn(x)) - _group_norm_f64(x, groups, 1e-6)).max()
+    with torch.no_grad():
+      t = torch.nn.functional.group_norm(_nchw(x), groups, eps=1e-6)
+    t_err = np.abs(_nhwc(t) - _group_norm_f64(x, groups, 1e-6)).max()
+    print(f"GroupNorm {shape} {name}: ours {err:.2e}, torch fp32 {t_err:.2e} from float64")
+    assert err <= tol, (name, err)
+
+
+def test_vae_encode_all_zero_image_matches_float64(vae_case):
+  """SynOOD's masked image is all zeros: our float32 encode within 3e-6 (relative to the latent scale) of
+  diffusers' AutoencoderKL run in float64 (one-reduce GroupNorm statistics gave 7.4e-6)."""
+  zeros = np.zeros((2, 32, 32, 3), np.float32)
+  model64 = copy.deepcopy(vae_case["torch"]).double()
+  with torch.no_grad():
+    ref = _nhwc(model64.encode(_nchw(zeros).double()).latent_dist.mean)
+    fp32 = _nhwc(vae_case["torch"].encode(_nchw(zeros)).latent_dist.mean)
+  mean, _ = vae_case["enc"](vae_case["params"], zeros)
+  scale = np.abs(ref).max()
+  err, t_err = np.abs(np.asarray(mean, np.float64) - ref).max() / scale, np.abs(fp32 - ref).max() / scale
+  print(f"all-zero VAE encode vs float64: ours {err:.2e}, torch fp32 {t_err:.2e} (relative)")
+  assert err <= 3e-6
 
 
 def test_vae_unsupported_config_names_key():

@@ -50,6 +50,7 @@ class Dataset:
   origin: str = ""             # where it came from (folder, list file, manifest, tfds name)
   source: Any = None           # tfds data source (random access), or None for files on disk
   image_key: str = "image"
+  expected: int | None = None  # images the full set has (a partial set has fewer records), if known
 
   def __len__(self) -> int:
     return len(self.records)
@@ -99,11 +100,27 @@ def _walk_images(root: str) -> list[str]:
   return out
 
 
+def flat_folder_message(root: str, what: str) -> str:
+  """Why a folder without class subfolders cannot be a labelled (ID) set, and how to lay it out."""
+  try:
+    n = sum(1 for f in os.listdir(root) if _is_image(f))
+  except OSError:
+    n = 0
+  found = f" ({n} images lie directly in it)" if n else ""
+  return (f"{root}: {what}{found}. A labelled image set needs one subfolder per class: <root>/<wnid>/<image>. "
+          "ImageNet val as extracted from ILSVRC2012_img_val.tar is one flat folder; sort it into wnid folders "
+          f"with: python launch/prepare_data.py --sort_val={root} --val_labels=LOC_val_solution.csv (or a file "
+          "with one wnid per line, in file-name order)")
+
+
 def image_folder(root: str, name: str | None = None, *, flat: bool | None = None) -> Dataset:
-  """Class subfolders (labels = sorted folder index) or, with `flat` (or no subfolder), OOD images.
+  """Class subfolders (labels = sorted folder index, `classes` = the folder names) or, with `flat` (or
+  no subfolder), OOD images.
 
   `flat=None` decides by layout: images directly in `root` and no subfolder -> flat; subfolders ->
-  one class each. A flat folder takes every image below `root` (recursively), all labelled -1.
+  one class each. A flat folder takes every image below `root` (recursively), all labelled -1;
+  `flat=False` on a folder without subfolders says how to lay it out. A label indexes `classes`; the
+  class identity in a model's label space comes from the folder name (`imagenet.class_index`).
   """
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
@@ -112,6 +129,8 @@ def image_folder(root: str, name: str | None = None, *, flat: bool | None = None
   subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
   if flat is None:
     flat = not subdirs
+  elif not flat and not subdirs:
+    raise DataError(flat_folder_message(root, "no class subfolders"))
   if flat:
     records = [Record(p, OOD_LABEL) for p in _walk_images(root)]
     classes = None
@@ -167,7 +186,7 @@ def write_manifest(dataset: Dataset, path: str) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     meta = {"name": dataset.name, "classes": dataset.classes, "origin": dataset.origin,
-            "count": len(dataset)}
+            "count": len(dataset), "expected": dataset.expected}
     f.write(json.dumps({"_meta": meta}) + "\n")
     for r in dataset.records:
       f.write(json.dumps({"path": r.path, "label": r.label}) + "\n")
@@ -197,7 +216,7 @@ def read_manifest(path: str, name: str | None = None) -> Dataset:
   if meta.get("count") is not None and meta["count"] != len(records):
     raise DataError(f"{path}: header says {meta['count']} records, file has {len(records)}")
   name = name or meta.get("name") or os.path.splitext(os.path.basename(path))[0]
-  return Dataset(name, records, meta.get("classes"), origin=os.path.abspath(path))
+  return Dataset(name, records, meta.get("classes"), origin=os.path.abspath(path), expected=meta.get("expected"))
 
 
 def _import_tfds():

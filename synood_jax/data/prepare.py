@@ -18,7 +18,8 @@ from absl import logging
 
 from synood_jax.data import datasets as data
 
-# Expected image counts (MOS benchmark subsets as released; ImageNet-1k val).
+# Expected image counts (MOS benchmark subsets as released; ImageNet-1k val): a set under one of these
+# names with fewer images is shown as partial ("SUN (8 of 10,000)").
 EXPECTED_COUNTS = {
     "imagenet_val": 50_000,
     "inaturalist": 10_000,
@@ -86,6 +87,13 @@ class PrepareReport:
     return "\n".join(lines)
 
 
+def expected_images(name: str, dataset: data.Dataset) -> int | None:
+  """How many images the full set has: as its manifest says, else by benchmark name (None: unknown)."""
+  if dataset.expected is not None:
+    return int(dataset.expected)
+  return EXPECTED_COUNTS.get(name.lower())
+
+
 def mos_specs(imagenet_val: str | None = None, inaturalist: str | None = None, sun: str | None = None,
               places: str | None = None, textures: str | None = None) -> list[SetSpec]:
   """Specs for the MOS benchmark from the folders the user has (None: skipped)."""
@@ -147,7 +155,8 @@ def prepare(specs: Sequence[SetSpec], out_dir: str, *, allow_partial: bool = Fal
                                  f"expected {want_classes}")
     drop = set(missing) | {f.path for f in bad}
     good = [r for r in ds.records if r.path not in drop]
-    datasets[spec.name] = (spec, data.Dataset(ds.name, good, ds.classes, ds.origin), len(ds), expected)
+    datasets[spec.name] = (spec, data.Dataset(ds.name, good, ds.classes, ds.origin, expected=expected),
+                           len(ds), expected)
     logging.info("%s: %d listed, %d missing, %d unreadable (expected %s)", spec.name, len(ds),
                  len(missing), len(bad), expected)
 
@@ -169,3 +178,76 @@ def prepare(specs: Sequence[SetSpec], out_dir: str, *, allow_partial: bool = Fal
   with open(os.path.join(out_dir, "index.json"), "w") as f:
     json.dump({"sets": report.sets}, f, indent=1)
   return report
+
+
+# ------------------------------------------------------------------------------------------------
+# ImageNet val as extracted from its tar: one flat folder -> wnid subfolders.
+
+def read_val_labels(path: str, files: Sequence[str]) -> dict[str, str]:
+  """{file name: wnid} for the flat val images `files` (base names), from a standard labels file:
+  Kaggle's LOC_val_solution.csv (`ImageId,PredictionString` rows), `<file> <wnid or class index>` lines
+  (class index = position in the sorted wnids, as caffe's val.txt), or one wnid per line in file-name
+  order (TF-slim's imagenet_2012_validation_synset_labels.txt)."""
+  from synood_jax.data import imagenet
+  with open(path, encoding="utf-8") as f:
+    lines = [line.strip() for line in f if line.strip()]
+  by_stem = {os.path.splitext(n)[0]: n for n in files}
+  out: dict[str, str] = {}
+  if lines and lines[0].replace(" ", "").lower().startswith("imageid,"):
+    for lineno, line in enumerate(lines[1:], 2):
+      stem, _, pred = line.partition(",")
+      if not pred.split():
+        raise data.DataError(f"{path}:{lineno}: no label in {line!r}")
+      if stem in by_stem:
+        out[by_stem[stem]] = pred.split()[0]
+  elif lines and all(len(line.split()) == 1 for line in lines):
+    ordered = sorted(files)
+    if len(lines) != len(ordered):
+      raise data.DataError(f"{path}: {len(lines)} labels (one wnid per line, in file-name order) for "
+                           f"{len(ordered)} images")
+    out = dict(zip(ordered, lines))
+  else:
+    for lineno, line in enumerate(lines, 1):
+      parts = line.split()
+      if len(parts) < 2:
+        raise data.DataError(f"{path}:{lineno}: expected '<file> <wnid or class index>', got {line!r}")
+      name, label = os.path.basename(parts[0]), parts[1]
+      if label.isdigit():
+        if int(label) >= len(imagenet.IMAGENET_WNIDS):
+          raise data.DataError(f"{path}:{lineno}: class index {label} is not below 1000")
+        label = imagenet.IMAGENET_WNIDS[int(label)]
+      key = name if name in files else by_stem.get(os.path.splitext(name)[0])
+      if key:
+        out[key] = label
+  return out
+
+
+def sort_flat_val(root: str, labels_file: str) -> dict[str, int]:
+  """Move every image directly in `root` into `root/<wnid>/` (as ImageNet's valprep.sh does).
+
+  Everything is checked before anything moves: every image needs a label, every label must be an
+  ImageNet-1k wnid; otherwise DataError names the files. Returns {wnid: images}.
+  """
+  from synood_jax.data import imagenet
+  if not os.path.isdir(root):
+    raise data.DataError(f"{root}: not a directory")
+  files = sorted(f for f in os.listdir(root) if os.path.isfile(os.path.join(root, f)) and data._is_image(f))
+  if not files:
+    raise data.DataError(f"{root}: no images directly in the folder (already sorted?)")
+  labels = read_val_labels(labels_file, files)
+  unlabelled = [f for f in files if f not in labels]
+  known = set(imagenet.IMAGENET_WNIDS)
+  bad = sorted({w for w in labels.values() if w not in known})
+  if unlabelled or bad:
+    raise data.DataError(
+        f"{root}: cannot sort with {labels_file}: " + "; ".join(
+            ([f"{len(unlabelled)} image(s) without a label, e.g. {unlabelled[:5]}"] if unlabelled else [])
+            + ([f"label(s) that are not ImageNet-1k wnids: {bad[:5]}"] if bad else [])))
+  counts: dict[str, int] = {}
+  for f in files:
+    wnid = labels[f]
+    os.makedirs(os.path.join(root, wnid), exist_ok=True)
+    os.replace(os.path.join(root, f), os.path.join(root, wnid, f))
+    counts[wnid] = counts.get(wnid, 0) + 1
+  logging.info("%s: %d images sorted into %d wnid folders", root, len(files), len(counts))
+  return counts

@@ -27,15 +27,19 @@ def timestep_table(scheduler, num_inference_steps: int) -> np.ndarray:
   return schedulers.set_timesteps(scheduler, num_inference_steps)
 
 
-def _guided_noise(unet_module, unet_params, latents, t, context, extra, guidance_scale):
-  """Both halves of classifier-free guidance in one UNet batch (uncond first, as diffusers)."""
-  model_in = jnp.concatenate([latents, latents], axis=0)
+def _guided_noise(unet_module, unet_params, latents, t, context, extra, guidance_scale, cfg: bool = True):
+  """Both halves of classifier-free guidance in one UNet batch (uncond first, as diffusers); with
+  `cfg` False one conditional half (diffusers when guidance_scale <= 1)."""
+  copies = 2 if cfg else 1
+  model_in = jnp.concatenate([latents] * copies, axis=0)
   if extra is not None:
-    model_in = jnp.concatenate([model_in, jnp.concatenate([extra, extra], axis=0)], axis=-1)
+    model_in = jnp.concatenate([model_in, jnp.concatenate([extra] * copies, axis=0)], axis=-1)
   dtype = unet_module.dtype
   out = unet_module.apply({"params": unet_params}, model_in.astype(dtype),
-                          jnp.full((model_in.shape[0],), t), context.astype(dtype))
-  uncond, cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
+                          jnp.full((model_in.shape[0],), t), context.astype(dtype)).astype(jnp.float32)
+  if not cfg:
+    return out
+  uncond, cond = jnp.split(out, 2, axis=0)
   return uncond + guidance_scale * (cond - uncond)
 
 
@@ -45,7 +49,8 @@ def sample_latents(unet_module, scheduler, unet_params, latents, prompt_embeds, 
   """Denoise `latents` over the table entries from `first_index` on; returns float32 latents.
 
   latents: [B, h, w, 4] starting noisy latents (diffusers' `latents=`; times init_noise_sigma);
-  prompt_embeds / negative_embeds: [B, L, D] text-encoder hidden states (cond / uncond);
+  prompt_embeds / negative_embeds: [B, L, D] text-encoder hidden states (cond / uncond); negative_embeds
+    None: no classifier-free guidance (diffusers' path for guidance_scale <= 1; guidance_scale unused);
   mask: [B, h, w, 1] at latent resolution (1 = repaint); masked_image_latents: [B, h, w, 4], scaled;
   first_index: from `start_index(...)` (a traced int is fine);
   image_latents, noise: 4-channel UNets only, which blend the kept region back after each step
@@ -58,11 +63,12 @@ def sample_latents(unet_module, scheduler, unet_params, latents, prompt_embeds, 
   if not nine and (image_latents is None or noise is None):
     raise ValueError("a 4-channel UNet blends the source back: pass image_latents and noise")
   latents = latents.astype(jnp.float32) * scheduler.init_noise_sigma
-  context = jnp.concatenate([negative_embeds, prompt_embeds], axis=0)
+  cfg = negative_embeds is not None
+  context = jnp.concatenate([negative_embeds, prompt_embeds], axis=0) if cfg else prompt_embeds
   extra = jnp.concatenate([mask, masked_image_latents], axis=-1) if nine else None
   state = schedulers.init_state(scheduler, table, latents.shape, num_inference_steps=num_inference_steps)
 
-  guided = lambda p, x, t: _guided_noise(unet_module, p, x, t, context, extra, guidance_scale)
+  guided = lambda p, x, t: _guided_noise(unet_module, p, x, t, context, extra, guidance_scale, cfg)
   if remat:
     guided = jax.checkpoint(guided)
 
@@ -101,7 +107,10 @@ def decode_unscaled(vae_fn, vae_params, u, chunk: int | None = None):
   def one(z):
     return jnp.clip(vae_fn(vae_params, z).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
   b = u.shape[0]
-  if not chunk or chunk >= b or b % chunk:
+  if chunk and chunk < b and b % chunk:
+    raise ValueError(f"decode_chunk={chunk} does not divide the batch of {b} latents; choose a divisor "
+                     "of synthesis.batch_size (or 0 to decode the whole batch at once)")
+  if not chunk or chunk >= b:
     return one(u)
   out = jax.lax.map(one, u.reshape((b // chunk, chunk) + u.shape[1:]))
   return out.reshape((b,) + out.shape[2:])

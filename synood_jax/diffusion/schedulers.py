@@ -7,7 +7,9 @@ Semantics follow diffusers 0.42 `DDIMScheduler`, `PNDMScheduler` and `DPMSolverM
 for missing keys (as `from_config` does: e.g. DPM-Solver's default `timestep_spacing` is "linspace",
 DDIM's default `clip_sample` is True).
 
-Host side (numpy): `make_scheduler`, `load_scheduler_config`, `set_timesteps`, `get_timesteps`.
+Host side (numpy): `make_scheduler` (diffusers' `from_config(config, **overrides)`),
+`inpaint_pipeline_scheduler` (what StableDiffusionInpaintPipeline runs), `load_scheduler_config`,
+`set_timesteps`, `get_timesteps`.
 Device side (jnp, jittable, `sched` static): `init_state`, `step`, `add_noise`, `scale_model_input`.
 
 Index-based stepping: `step(sched, state, model_output, i, sample)` where `i` indexes the timesteps
@@ -125,30 +127,50 @@ class Scheduler:
     return 1.0
 
 
-def make_scheduler(config: Mapping[str, Any], kind: str | None = None) -> Scheduler:
-  """A `Scheduler` from a diffusers scheduler config dict.
+def resolve_kind(name: str, key: str = "kind") -> str:
+  """'ddim' / 'pndm' / 'dpmsolver_multistep' from a kind, an alias ('plms', 'dpm++2m') or a diffusers
+  class name; `key` names the argument in the error."""
+  k = _CLASS_NAMES.get(name) or _ALIASES.get(str(name).lower())
+  if k is None:
+    raise SchedulerConfigError(f"{key}={name!r} is not supported; use one of {sorted(_CLASS_NAMES)} "
+                               f"or {sorted(_ALIASES)}")
+  return k
+
+
+def make_scheduler(config: Mapping[str, Any], kind: str | None = None, **overrides) -> Scheduler:
+  """A `Scheduler` from a diffusers scheduler config dict, like diffusers' `Class.from_config(config,
+  **overrides)`.
 
   The kind comes from `config["_class_name"]` unless `kind` is given ("ddim", "pndm",
   "dpmsolver_multistep" or a diffusers class name), which loads the config into another scheduler class
-  like diffusers' `OtherScheduler.from_config(config)`.
+  like diffusers' `OtherScheduler.from_config(config)`: keys the class does not take are ignored, keys
+  it takes but the config lacks get the class's defaults. `overrides` replace config values (a key the
+  class does not take is an error). A value this module does not implement is refused with the
+  override that would fix it.
   """
   if not isinstance(config, Mapping):
     raise SchedulerConfigError(f"scheduler config must be a dict, got {type(config).__name__}")
   name = kind if kind is not None else config.get("_class_name")
   if name is None:
     raise SchedulerConfigError("scheduler config has no '_class_name' and no kind was given")
-  k = _CLASS_NAMES.get(name) or _ALIASES.get(str(name).lower())
-  if k is None:
-    key = "kind" if kind is not None else "_class_name"
-    raise SchedulerConfigError(f"{key}={name!r} is not supported; use one of {sorted(_CLASS_NAMES)}")
+  k = resolve_kind(name, "kind" if kind is not None else "_class_name")
   full = dict(_DEFAULTS[k])
   for key, value in config.items():
     if key in full:
       full[key] = value
+  for key, value in overrides.items():
+    if key not in full:
+      raise SchedulerConfigError(f"scheduler override {key}={value!r}: {k} has no config key {key!r} "
+                                 f"(its keys: {sorted(full)})")
+    full[key] = value
   for key, allowed in _SUPPORTED.items():
     if key in full and full[key] not in allowed:
+      fix = f"{key}={allowed[0]!r}"
+      how = ("the override" if key in overrides else
+             f"override it: make_scheduler(config, {k!r}, {fix}), or load_inpaint_pipeline(folder, "
+             f"scheduler={k!r}, scheduler_overrides={{{key!r}: {allowed[0]!r}}})")
       raise SchedulerConfigError(
-          f"scheduler config key {key!r}={full[key]!r} is not supported for {k} (supported: {allowed})")
+          f"scheduler config key {key!r}={full[key]!r} is not supported for {k} (supported: {allowed}); {how}")
   for key in ("num_train_timesteps", "steps_offset"):
     if not isinstance(full[key], (int, np.integer)) or isinstance(full[key], bool) or full[key] < 0:
       raise SchedulerConfigError(f"scheduler config key {key!r}={full[key]!r} must be a non-negative int")
@@ -159,6 +181,22 @@ def make_scheduler(config: Mapping[str, Any], kind: str | None = None) -> Schedu
         f"scheduler config key 'trained_betas' has {len(full['trained_betas'])} values, "
         f"num_train_timesteps is {full['num_train_timesteps']}")
   return Scheduler(k, tuple(sorted((key, _freeze(v)) for key, v in full.items())))
+
+
+def inpaint_pipeline_scheduler(config: Mapping[str, Any], kind: str | None = None, **overrides) -> Scheduler:
+  """The scheduler a diffusers Stable Diffusion (in-painting) pipeline runs with this config.
+
+  StableDiffusionInpaintPipeline.__init__ rewrites two outdated fields of any scheduler it is given:
+  `steps_offset` becomes 1, and PNDM's `skip_prk_steps` becomes True (so `scheduler="pndm"` works on a
+  folder saved with DDIM, as `PNDMScheduler.from_config(cfg, skip_prk_steps=True)` does). `overrides`
+  are applied after those.
+  """
+  name = kind if kind is not None else config.get("_class_name")
+  if name is None:
+    return make_scheduler(config, None, **overrides)  # raises: no class name
+  k = resolve_kind(name, "kind" if kind is not None else "_class_name")
+  fixes = {"steps_offset": 1, **({"skip_prk_steps": True} if k == "pndm" else {})}
+  return make_scheduler(config, k, **{**fixes, **overrides})
 
 
 def load_scheduler_config(folder: str) -> dict:

@@ -172,6 +172,27 @@ def mine_negative_labels(encode_text_fn: Callable[[list[str]], np.ndarray], id_c
   return NegativeLabels(labels, prompts, pos, distances)
 
 
+def load_or_mine(encode_text_fn: Callable[[list[str]], np.ndarray], id_classnames: Sequence[str], *,
+                 label_list: str = "", corpus: str = "", percentile: float = 0.95,
+                 keep_fraction: float = 0.15, id_template: str = ID_TEMPLATE
+                 ) -> tuple[NegativeLabels, dict] | None:
+  """NegLabel's negative labels as configured: the list `label_list` if given (`load_label_list`),
+  else mined (`mine_negative_labels`) from `corpus`, a WordNet database folder or
+  'nouns.txt,adjectives.txt'; None when neither is given. Returns (labels, provenance)."""
+  if label_list:
+    return load_label_list(label_list), {"label_list": label_list}
+  if not corpus:
+    return None
+  if "," in corpus:
+    nouns, adjs = read_word_lists(*[c.strip() for c in corpus.split(",", 1)])
+  else:
+    nouns, adjs = read_wordnet(corpus)
+  labels = mine_negative_labels(encode_text_fn, id_classnames, nouns, adjs, percentile=percentile,
+                                keep_fraction=keep_fraction, id_template=id_template)
+  return labels, {"corpus": corpus, "nouns": len(nouns), "adjectives": len(adjs), "percentile": percentile,
+                  "keep_fraction": keep_fraction}
+
+
 FORMAT = "synood_jax.labels.negative_labels/v1"
 
 

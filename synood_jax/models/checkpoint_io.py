@@ -40,7 +40,7 @@ def write_config(folder: str, config: Mapping[str, Any], name: str = "config.jso
     json.dump(dict(config), f, indent=2, sort_keys=True)
 
 
-def _weight_files(folder: str) -> list[str]:
+def weight_files(folder: str) -> list[str]:
   """The weight files of a folder: one known name, or every shard named by an index file."""
   for index_name in ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json",
                      "pytorch_model.bin.index.json", "diffusion_pytorch_model.bin.index.json"):
@@ -59,7 +59,7 @@ def load_state_dict(folder: str) -> tuple[Mapping[str, np.ndarray], str]:
   """PyTorch state dict of a folder, and the file(s) it came from. Lazy: each tensor is read from its
   file (as float32 numpy if floating) only when asked for, so a converter that places one leaf at a
   time never holds the whole checkpoint on the host."""
-  files = _weight_files(folder)
+  files = weight_files(folder)
   parts: list[Mapping[str, np.ndarray]] = []
   for path in files:
     parts.append(SafetensorsFile(path) if path.endswith(".safetensors") else _TorchFile(path))

@@ -11,14 +11,14 @@ import functools
 import json
 import os
 import shutil
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synood_jax.models import checkpoint_io
+from synood_jax.models import checkpoint_io, clip_preprocess, zero_shot as zero_shot_lib
 from synood_jax.models.checkpoint_io import CheckpointError
 
 Dtype = Any
@@ -550,3 +550,40 @@ def create(config: CLIPConfig, seed: int = 0, dtype: Dtype = jnp.float32, folder
   """A randomly initialised bundle (our Flax init, CLIP's init scales)."""
   module = CLIP(config, dtype=dtype, param_dtype=dtype)
   return CLIPBundle(config, module, init_params(module, seed), folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot classification in one call.
+
+class ZeroShot(NamedTuple):
+  logits: np.ndarray  # [N, C] exp(logit_scale) * cos(image, class), transformers' logits_per_image
+  probs: np.ndarray   # [N, C] softmax over the classes
+
+
+def zero_shot(bundle: CLIPBundle, images, class_names: Sequence[str],
+              templates: Sequence[str] = ("a photo of a {}.",), params: Any = None,
+              preprocessed: bool = False, batch_size: int = 256, mesh=None) -> ZeroShot:
+  """CLIP zero-shot classification: logits = exp(logit_scale) * normalize(f_image(x)) . t_c^T, with
+  t_c = normalize(mean_k normalize(f_text(template_k(c)))) (`zero_shot.class_text_features`).
+
+  images: PIL images or uint8 HWC arrays (a list, or an NHWC uint8 array), preprocessed as transformers'
+    CLIPImageProcessor with the folder's preprocessor_config.json (`clip_preprocess`); with
+    `preprocessed=True`, an NHWC float32 batch that already is.
+  templates: strings with a `{}` placeholder; one template gives transformers' CLIPModel
+    `logits_per_image` for the prompts `template.format(c)`.
+  params: the bundle's own unless given (e.g. sharded with `parallel.shard_params`); mesh: shard the
+    batches over it. Returns numpy `ZeroShot(logits, probs)`.
+  """
+  params = bundle.params if params is None else params
+  if "logit_scale" not in params:
+    raise ValueError(f"zero_shot: this CLIP ({bundle.folder or 'in memory'}) has no logit_scale: it needs "
+                     "both towers (a CLIPModel folder)")
+  if preprocessed:
+    x = np.asarray(images, np.float32)
+  else:
+    x = clip_preprocess.preprocess(images, clip_preprocess.load_config(bundle.folder))
+  text = zero_shot_lib.class_text_features(bundle, params, class_names, templates, batch_size, mesh)
+  feats = zero_shot_lib.image_features(bundle, params, x, batch_size, mesh)
+  logits = np.exp(np.float32(np.asarray(params["logit_scale"], np.float32))) * (feats @ text.T)
+  shifted = np.exp(logits - logits.max(-1, keepdims=True))
+  return ZeroShot(logits, shifted / shifted.sum(-1, keepdims=True))

@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from synood_jax import parallel
-from synood_jax.models.clip import CLIP
+from synood_jax.progress import Progress
 
 
 def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
@@ -26,43 +26,40 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
 # alive after its caller is done with them.
 @functools.partial(jax.jit, static_argnums=0)
 def _text_features(module, params, ids):
-  return l2_normalize(module.apply({"params": params}, ids, method=CLIP.encode_text))
+  return l2_normalize(module.apply({"params": params}, ids, method="encode_text"))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _image_features(module, params, images):
-  return l2_normalize(module.apply({"params": params}, images, method=CLIP.encode_image))
+  return l2_normalize(module.apply({"params": params}, images, method="encode_image"))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _raw_image_features(module, params, images):
-  return module.apply({"params": params}, images, method=CLIP.encode_image).astype(jnp.float32)
+  return module.apply({"params": params}, images, method="encode_image").astype(jnp.float32)
 
 
-def _batched(fn, bundle, params, x: np.ndarray, batch_size: int, mesh: Mesh | None) -> np.ndarray:
+def _batched(fn, bundle, params, x: np.ndarray, batch_size: int, mesh: Mesh | None,
+             name: str = "encode") -> np.ndarray:
   """fn over fixed-size batches (one compiled shape), the last one padded; rows sharded over `mesh`.
-  Single-host: with several processes each would get every process's rows back (not handled yet)."""
+  Single-host: with several processes each would get every process's rows back (not handled yet).
+  Several batches log progress (items/s and an ETA counted after the first, compiling, batch)."""
   multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
   # Round up so every device gets equal rows; no bigger than the (rounded) input needs.
   batch_size = min(-(-batch_size // multiple), -(-len(x) // multiple) or 1) * multiple
   if mesh is not None:
-    params = _on_mesh(params, mesh)
+    params = parallel.place_params(params, mesh)
   out = []
+  progress = Progress(len(x), name=name, unit="items", every_secs=10) if len(x) > batch_size else None
   for start in range(0, len(x), batch_size):
     chunk, n = parallel.pad_batch(x[start:start + batch_size], batch_size)
     chunk = parallel.global_batch(chunk, mesh) if mesh is not None else jnp.asarray(chunk)
     out.append(parallel.to_host(fn(bundle.module, params, chunk))[:n])
+    if progress is not None and start == 0:
+      progress.restart(done=n)  # the first batch compiled: the pace counts from its end
+    elif progress is not None:
+      progress.update(n)
   return np.concatenate(out) if out else np.zeros((0, bundle.config.projection_dim), np.float32)
-
-
-def _on_mesh(params, mesh: Mesh):
-  """Params already placed on `mesh` (replicated or FSDP) stay; anything else is replicated."""
-  def place(x):
-    sharding = getattr(x, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
-      return x
-    return jax.device_put(x, parallel.replicated(mesh))
-  return jax.tree_util.tree_map(place, params)
 
 
 def class_text_features(bundle, params, classnames: Sequence[str], templates: Sequence[str],
@@ -76,7 +73,7 @@ def class_text_features(bundle, params, classnames: Sequence[str], templates: Se
     raise ValueError(f"class_text_features: templates without a '{{}}' placeholder: {bad[:3]}")
   prompts = [t.format(c) if "{}" in t else t.format(c=c) for c in classnames for t in templates]
   ids = bundle.tokenize(prompts)
-  feats = _batched(_text_features, bundle, params, ids, batch_size, mesh)
+  feats = _batched(_text_features, bundle, params, ids, batch_size, mesh, name=f"text encoder: {len(prompts)} prompts")
   feats = feats.reshape(len(classnames), len(templates), -1).mean(axis=1)
   return np.asarray(l2_normalize(feats))
 

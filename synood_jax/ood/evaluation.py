@@ -1,20 +1,28 @@
-"""Zero-shot OOD evaluation: features once (cached), MCM and NegLabel side by side, both conventions.
+"""OOD evaluation: image features once (cached), each method's scores, metrics in both conventions.
 
-  S_MCM(x) = max_c softmax(cos(f(x), t_c) / T_MCM);   S_NegLabel(x) = 1/G sum_g sum_{c in ID} softmax([cos_ID, cos_{N_g}] / T)_c
+  S_MCM(x) = max_c softmax(cos(f(x), t_c) / T_MCM)                                  t_c: 'a photo of a {}'
+  S_NegLabel(x) = 1/G sum_g sum_{c in ID} softmax([cos_ID, cos_{N_g}] / T)_c      t_c: 'the nice {}'
+  FPR95 at the operating point of `metrics` (defaults: NegLabel's rule with ID positive, OpenOOD v1.5's
+  with OOD positive); AUROC, AUPR-In, AUPR-Out.
 
-`evaluate(config, workdir)`:
-  1. loads the ID and OOD sets and stops, naming every missing file, before any model work;
-  2. encodes the ID class prompts and the negative labels (a label list, or mined from a corpus);
-  3. extracts L2-normalised image features once per set, sharded over the mesh, cached on disk as
-     npz keyed by (set fingerprint, model folder and its weights, preprocessing, dtype);
-  4. scores every set with each method, computes metrics per OOD set and their average in both
-     conventions (ID positive as MOS/MCM/NegLabel; OOD positive as OpenOOD v1.5);
-  5. writes results.json, results.md (Table 1 layout), scores.npz and PNG plots to `workdir`.
+The API takes explicit arguments, so any CLIP and any extra score (a tuned model's) can be evaluated:
 
-Hooks for the tuned stages: `image_transform` (a callable on image features, e.g. SynOOD's
-f' = normalize(f + P(f))) and `negative_features` (tuned negative text features [M, D]) add a
-method (config.tuned_method, default 'synood') = NegLabel's score on the transformed features
-against the tuned negatives; `extra_methods` maps names to `fn(image_features, context) -> scores`.
+  sets = load_sets({'imagenet_val': spec}, {'sun': spec, ...})   # every file checked before model work
+  negatives = encode_negatives(clip, classnames, label_list='neglabel_10499.txt')
+  results = evaluate(workdir, sets, 'imagenet_val', clip=clip, classnames=classnames,
+                     negatives=negatives, methods={'synood': tuned.score_features})
+
+`evaluate`:
+  1. encodes the ID class prompts with each method's templates (MCM's and NegLabel's own), unless
+     `id_text` gives them;
+  2. extracts raw image features once per set, sharded over the mesh and cached on disk as npz keyed
+     by (set fingerprint, model folder and its weights, preprocessing, dtype), unless a set is given
+     as precomputed `Features`;
+  3. scores every set with each method and computes the metrics per OOD set and their average in
+     both conventions (ID positive as MOS/MCM/NegLabel; OOD positive as OpenOOD v1.5);
+  4. writes results.json, results.md (Table 1 layout), scores.npz, text_features.npz and PNG plots.
+`evaluate_config(config, workdir)` is the one adapter from a config (configs/evaluate.py) to these
+arguments; the pipeline's evaluation stage passes its own models, negatives and tuned model.
 """
 from __future__ import annotations
 
@@ -31,12 +39,14 @@ from absl import logging
 
 from synood_jax.data import datasets as data, imagenet as imagenet_classes
 from synood_jax.ood import metrics, report
+from synood_jax.progress import Progress
 
-ScoreFn = Callable[[np.ndarray, Mapping[str, Any]], np.ndarray]
+ScoreFn = Callable[[Any], Any]  # raw image features [n, D] -> scores [n], higher = more ID
+BUILTIN_SCORES = ("mcm", "neglabel")
 
 
 # ------------------------------------------------------------------------------------------------
-# Sets from the config.
+# Sets.
 
 def parse_sets(spec: str | Sequence[str] | Mapping[str, str], data_dir: str = "") -> dict[str, str]:
   """'a,b=spec_b' (or a list / dict) -> {name: spec}; a bare name is `<data_dir>/<name>.jsonl`."""
@@ -176,6 +186,7 @@ def extract_features(bundle, params, dataset: data.Dataset, preprocess: Callable
   loader = data.ImageLoader(dataset, batch_size, preprocess, num_threads=num_threads)
   feats, labels, indices = [], [], []
   start, done = time.perf_counter(), 0
+  progress = Progress(len(dataset), name=f"features {dataset.name}", unit="img", every_secs=10)
   for batch in loader:
     images = batch["image"]
     n = images.shape[0]
@@ -185,6 +196,10 @@ def extract_features(bundle, params, dataset: data.Dataset, preprocess: Callable
     feats.append(f)
     labels.append(batch["label"])
     indices.append(batch["index"])
+    if done == 0:
+      progress.restart(done=n)  # the first batch compiled: the pace counts from its end
+    else:
+      progress.update(n)
     done += n
   if not feats:
     raise data.DataError(f"{dataset.name}: no readable image among {len(dataset)} records")
@@ -199,6 +214,92 @@ def extract_features(bundle, params, dataset: data.Dataset, preprocess: Callable
              failures=np.asarray(json.dumps(out.failures)), name=np.asarray(dataset.name))
     os.replace(tmp, cache_path)
   return out
+
+
+def _model_folder(bundle) -> str:
+  """The CLIP's folder: its preprocessor_config.json, and its weights for the cache key."""
+  if not bundle.folder:
+    raise ValueError("evaluation: the CLIP bundle has no folder (load it with clip.from_pretrained): "
+                     "its preprocessing and the feature cache key come from there")
+  return bundle.folder
+
+
+def _dtype_name(bundle) -> str:
+  return np.dtype(bundle.module.dtype).name
+
+
+def encode_set(bundle, dataset: data.Dataset, *, params=None, batch_size: int = 256, mesh=None,
+               cache_dir: str = "", num_threads: int | None = None) -> Features:
+  """Raw image embeddings of a set's readable images (`extract_features`), preprocessed as the model
+  folder says; cached under `cache_dir` (if given) by (set, model weights, preprocessing, dtype)."""
+  from synood_jax import parallel
+  folder = _model_folder(bundle)
+  preprocess, preprocess_id = make_preprocess(folder, bundle.config.vision.image_size)
+  if mesh is not None:  # every device gets equal rows
+    multiple = parallel.batch_size_multiple(mesh)
+    batch_size = -(-batch_size // multiple) * multiple
+  cache_path = None
+  if cache_dir:
+    key = cache_key(dataset, model_fingerprint(folder), preprocess_id, _dtype_name(bundle))
+    cache_path = os.path.join(cache_dir, f"{dataset.name}-{key[:24]}.npz")
+  return extract_features(bundle, bundle.params if params is None else params, dataset, preprocess,
+                          batch_size=batch_size, mesh=mesh, cache_path=cache_path, num_threads=num_threads)
+
+
+# ------------------------------------------------------------------------------------------------
+# NegLabel's negative labels, encoded once per run.
+
+@dataclasses.dataclass(frozen=True)
+class Negatives:
+  """Negative labels (words, prompts, provenance) with their L2-normalised text features [M, D]."""
+  labels: Any                 # labels.negative_labels.NegativeLabels
+  features: np.ndarray        # float32 [M, D]
+  provenance: dict            # where the labels came from (`negative_labels.load_or_mine`)
+
+  @property
+  def description(self) -> str:
+    p, n = self.provenance, len(self.labels)
+    if p.get("label_list"):
+      return f"{n} from `{p['label_list']}`"
+    if p.get("corpus"):
+      return f"{n} mined from `{p['corpus']}` ({p.get('nouns')} nouns, {p.get('adjectives')} adjectives)"
+    return f"{n} given by the caller"
+
+  def save(self, label_list_path: str, features_path: str) -> None:
+    """The label list (JSON, with provenance) and the features (npz with the prompts they encode)."""
+    from synood_jax.labels import negative_labels as nl
+    nl.write_label_list(label_list_path, self.labels, self.provenance)
+    np.savez(features_path, features=self.features, prompts=np.asarray(self.labels.prompts))
+
+  @classmethod
+  def load(cls, label_list_path: str, features_path: str) -> "Negatives":
+    from synood_jax.labels import negative_labels as nl
+    labels = nl.load_label_list(label_list_path)
+    with open(label_list_path, encoding="utf-8") as f:
+      provenance = json.load(f).get("provenance", {})
+    with np.load(features_path) as z:
+      features, prompts = z["features"], [str(p) for p in z["prompts"]]
+    if prompts != list(labels.prompts):
+      raise ValueError(f"{features_path}: features of {len(prompts)} prompts, not of the "
+                       f"{len(labels)} in {label_list_path}")
+    return cls(labels, features, provenance)
+
+
+def encode_negatives(bundle, classnames: Sequence[str], *, params=None, label_list: str = "",
+                     corpus: str = "", percentile: float = 0.95, keep_fraction: float = 0.15,
+                     batch_size: int = 1000, mesh=None) -> Negatives | None:
+  """NegLabel's negatives (`negative_labels.load_or_mine`: a list, or mined from a corpus) and their
+  features, each prompt encoded once; None when neither a list nor a corpus is given."""
+  from synood_jax.labels import negative_labels as nl
+  params = bundle.params if params is None else params
+  encode = lambda prompts: encode_prompts(bundle, params, prompts, batch_size, mesh)
+  found = nl.load_or_mine(encode, classnames, label_list=label_list, corpus=corpus, percentile=percentile,
+                          keep_fraction=keep_fraction)
+  if found is None:
+    return None
+  labels, provenance = found
+  provenance = {**provenance, "model": bundle.folder}
+  return Negatives(labels, encode(labels.prompts), provenance)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,165 +317,147 @@ def _chunked(fn: Callable[[np.ndarray], Any], x: np.ndarray, chunk: int) -> np.n
   return np.concatenate(out).astype(np.float64)
 
 
-def builtin_methods(names: Sequence[str], *, groups: int, temperature: float, seed: int,
-                    mcm_temperature: float) -> dict[str, ScoreFn]:
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How `evaluate` scores and reports; the fields are configs/evaluate.py's `eval.*` of the same name."""
+  scores: Sequence[str] = BUILTIN_SCORES
+  templates: Mapping[str, Any] = dataclasses.field(  # method -> template name, template, or list
+      default_factory=lambda: {"mcm": "mcm", "neglabel": "neglabel"})
+  groups: int = 100                 # NegLabel
+  temperature: float = 0.01
+  seed: int = 0                     # NegLabel's grouping permutation
+  mcm_temperature: float = 1.0
+  fpr95_rules: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(metrics.DEFAULT_FPR_RULES))
+  batch_size: int = 256             # images per step (rounded up to a multiple of the devices)
+  text_batch_size: int = 1000
+  score_batch_size: int = 4096
+  num_threads: int = 0              # image decoding (0: the loader's default)
+  cache_dir: str = ""               # '' = <workdir>/cache
+  plots: bool = True
+
+  def __post_init__(self):
+    unknown = [m for m in self.scores if m not in BUILTIN_SCORES]
+    if unknown:
+      raise ValueError(f"eval.scores: unknown {unknown}; built in: {BUILTIN_SCORES} (others via `methods`)")
+    missing = [m for m in self.scores if m not in self.templates]
+    if missing:
+      raise ValueError(f"eval.templates: no templates for {missing}")
+    for conv, rule in self.fpr95_rules.items():
+      if conv not in metrics.CONVENTIONS or rule not in metrics.FPR_RULES:
+        raise ValueError(f"eval.fpr95_rules: {conv}={rule!r}; conventions {metrics.CONVENTIONS}, "
+                         f"rules {metrics.FPR_RULES}")
+
+  @classmethod
+  def from_config(cls, e) -> "Options":
+    """From a config's `eval` (configs/evaluate.py)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in e.items() if k in fields}
+    if isinstance(kw.get("scores"), str):
+      kw["scores"] = tuple(m.strip() for m in kw["scores"].split(",") if m.strip())
+    return cls(**kw)
+
+
+def builtin_methods(names: Sequence[str], id_text: Mapping[str, Any], neg_text, *, groups: int,
+                    temperature: float, seed: int, mcm_temperature: float) -> dict[str, ScoreFn]:
+  """MCM and NegLabel on raw image features (normalised here), each with its own ID text."""
   from synood_jax.ood import scores
   from synood_jax.models.zero_shot import l2_normalize as unit
-  table = {  # features arrive raw (as cached); the zero-shot scores take them normalised
-      "mcm": lambda img, ctx: scores.mcm_score(unit(img), ctx["id_text"], temperature=mcm_temperature),
-      "neglabel": lambda img, ctx: scores.neglabel_score(
-          unit(img), ctx["id_text"], ctx["neg_text"], groups=groups, temperature=temperature, seed=seed),
+  table = {
+      "mcm": lambda img: scores.mcm_score(unit(img), id_text["mcm"], temperature=mcm_temperature),
+      "neglabel": lambda img: scores.neglabel_score(unit(img), id_text["neglabel"], neg_text, groups=groups,
+                                                    temperature=temperature, seed=seed),
   }
-  unknown = [n for n in names if n not in table]
-  if unknown:
-    raise ValueError(f"unknown score(s) {unknown}; built in: {sorted(table)} (others via extra_methods)")
   return {n: table[n] for n in names}
 
 
-def tuned_method(*, groups: int, temperature: float, seed: int,
-                 image_transform: Callable | None, negative_features: np.ndarray | None) -> ScoreFn:
-  """NegLabel's score on transformed raw image features against (tuned) negative features."""
-  from synood_jax.ood import scores
-  from synood_jax.models import zero_shot
-
-  def fn(img, ctx):
-    x = zero_shot.l2_normalize(img) if image_transform is None else image_transform(img)
-    neg = ctx["neg_text"] if negative_features is None else negative_features
-    return scores.neglabel_score(x, ctx["id_text"], neg, groups=groups, temperature=temperature, seed=seed)
-  return fn
-
-
 def compute_metrics(scores: Mapping[str, Mapping[str, np.ndarray]], id_set: str, ood_sets: Sequence[str],
-                    conventions: Sequence[str] = metrics.CONVENTIONS) -> dict:
-  """{method: {convention: {ood_set: metrics, 'average': mean over sets}}}."""
+                    rules: Mapping[str, str] | None = None) -> dict:
+  """{method: {convention: {ood_set: metrics, 'average': mean over sets}}}; `rules`: convention ->
+  FPR95 rule (default `metrics.DEFAULT_FPR_RULES`). Empty or non-finite scores: an error naming both."""
+  rules = dict(metrics.DEFAULT_FPR_RULES if rules is None else rules)
   out = {}
   for method, by_set in scores.items():
+    checked = {s: metrics.check_scores(by_set[s], f"method {method!r}, set {s!r}") for s in [id_set, *ood_sets]}
     out[method] = {}
-    for conv in conventions:
-      per = {s: metrics.ood_metrics(by_set[id_set], by_set[s], conv) for s in ood_sets}
+    for conv, rule in rules.items():
+      per = {s: metrics.ood_metrics(checked[id_set], checked[s], conv, rule=rule) for s in ood_sets}
       per["average"] = {k: float(np.mean([per[s][k] for s in ood_sets])) for k in per[ood_sets[0]]}
       out[method][conv] = per
   return out
 
 
 # ------------------------------------------------------------------------------------------------
-# Negative labels.
-
-def negative_text(config, bundle, params, classnames, id_template: str, mesh, workdir: str):
-  """(features [M, D], labels, description) from config.negatives: a label list or a mining corpus."""
-  from synood_jax.labels import negative_labels as nl
-  neg = config.negatives
-  batch = int(config.text_batch_size)
-  if neg.get("label_list"):
-    labels = nl.load_label_list(neg.label_list)
-    desc = f"{len(labels)} from `{neg.label_list}`"
-  elif neg.get("corpus"):
-    corpus = neg.corpus
-    if "," in corpus:
-      nouns, adjs = nl.read_word_lists(*[c.strip() for c in corpus.split(",", 1)])
-    else:
-      nouns, adjs = nl.read_wordnet(corpus)
-    labels = nl.mine_negative_labels(
-        lambda prompts: encode_prompts(bundle, params, prompts, batch, mesh), classnames, nouns, adjs,
-        percentile=float(neg.get("percentile", 0.95)), keep_fraction=float(neg.get("keep_fraction", 0.15)),
-        id_template=id_template)
-    path = os.path.join(workdir, "negative_labels.json")
-    nl.write_label_list(path, labels, {"corpus": corpus, "model": config.clip_path,
-                                       "nouns": len(nouns), "adjectives": len(adjs)})
-    desc = f"{len(labels)} mined from `{corpus}` ({len(nouns)} nouns, {len(adjs)} adjectives), saved to {path}"
-  else:
-    return None, [], "none"
-  feats = encode_prompts(bundle, params, labels.prompts, batch, mesh)
-  return feats, list(labels.labels), desc
-
-
-# ------------------------------------------------------------------------------------------------
 # The whole evaluation.
 
-def evaluate(config, workdir: str, *, bundle=None, image_transform: Callable | None = None,
-             negative_features: np.ndarray | None = None,
-             extra_methods: Mapping[str, ScoreFn] | None = None) -> dict:
-  """Run the evaluation the config describes; write results.json / results.md / plots to workdir."""
+def evaluate(workdir: str, sets: Mapping[str, data.Dataset | Features], id_set: str, *, clip=None,
+             params=None, classnames: str | Sequence[str] | None = None, negatives: Negatives | None = None,
+             mesh=None, options: Options | None = None, id_text: Mapping[str, np.ndarray] | None = None,
+             methods: Mapping[str, ScoreFn] | None = None,
+             method_templates: Mapping[str, Sequence[str]] | None = None) -> dict:
+  """Score `sets` with each method; write results.json / results.md / scores / plots to `workdir`.
+
+  sets: name -> a Dataset (encoded with `clip`, cached) or precomputed raw image `Features`;
+    `id_set` names the ID one, the others are OOD (in order).
+  clip, params: a CLIP bundle (`models.clip.from_pretrained`) and its params (default: the bundle's;
+    pass them sharded for FSDP); encodes the images and the ID class prompts.
+  classnames: the ID classes in label order (a list, a file or a builtin name such as 'imagenet').
+  negatives: NegLabel's encoded negatives (`encode_negatives`), needed by the 'neglabel' score.
+  id_text: {method: [C, D]} ID class features to use instead of encoding the method's templates.
+  methods: more scores by name, fn(raw image features [n, D]) -> [n], e.g. a tuned model's
+    `score_features`; `method_templates` states their ID prompts in the results header.
+  """
   import jax
   import jax.numpy as jnp
 
   from synood_jax import parallel
-  from synood_jax.models import clip
 
   if jax.process_count() > 1:
     raise NotImplementedError("evaluate: multi-host feature extraction is not implemented (one host only)")
+  options = Options() if options is None else options
+  if id_set not in sets or len(sets) < 2:
+    raise ValueError(f"evaluate: id_set {id_set!r} must be one of the sets {list(sets)}, with at least one other")
+  ood_names = [s for s in sets if s != id_set]
   os.makedirs(workdir, exist_ok=True)
-  id_sets = parse_sets(config.id_set, config.get("data_dir", ""))
-  if len(id_sets) != 1:
-    raise ValueError(f"config.id_set: exactly one ID set, got {list(id_sets)}")
-  ood_sets = parse_sets(config.ood_sets, config.get("data_dir", ""))
-  if not ood_sets:
-    raise ValueError("config.ood_sets is empty")
-  id_name = next(iter(id_sets))
-  sets = load_sets(id_sets, ood_sets, allow_partial=bool(config.get("allow_partial", False)),
-                   verify=config.get("verify", "exists"), num_threads=config.get("num_threads") or None)
+  mesh = parallel.make_mesh() if mesh is None else mesh
 
-  classnames = imagenet_classes.load_classnames(config.classnames)
-  templates = imagenet_classes.load_templates(config.templates)
-  dtype = config.get("dtype", "float32")
-  if bundle is None:
-    bundle = clip.from_pretrained(config.clip_path, dtype=jnp.dtype(dtype))
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-  params = parallel.shard_params(bundle.params, mesh)
-  batch_size = int(config.batch_size)
-  multiple = parallel.batch_size_multiple(mesh)
-  if batch_size % multiple:
-    batch_size += multiple - batch_size % multiple
-    logging.info("batch size rounded up to %d (a multiple of the %d devices)", batch_size, multiple)
+  names = imagenet_classes.load_classnames(classnames) if classnames is not None else None
+  templates = {m: imagenet_classes.load_templates(options.templates[m]) for m in options.scores}
+  texts = _id_text(clip, params, names, templates, dict(id_text or {}), options.text_batch_size, mesh)
+  if "neglabel" in options.scores and negatives is None:
+    raise ValueError("evaluate: score 'neglabel' needs `negatives` (config.negatives.label_list or .corpus)")
+  neg_text = None if negatives is None else jnp.asarray(negatives.features, jnp.float32)
 
-  id_text = class_features(bundle, params, classnames, templates, int(config.text_batch_size), mesh)
-  neg_text, neg_labels, neg_desc = negative_text(config, bundle, params, classnames, templates[0], mesh, workdir)
-
-  image_size = bundle.config.vision.image_size
-  preprocess, preprocess_id = make_preprocess(config.clip_path, image_size)
-  cache_dir = config.get("cache_dir") or os.path.join(workdir, "cache")
-  model_fp = model_fingerprint(config.clip_path)
   feats = {}
-  for name, ds in sets.items():
-    key = cache_key(ds, model_fp, preprocess_id, dtype)
-    feats[name] = extract_features(bundle, params, ds, preprocess, batch_size=batch_size, mesh=mesh,
-                                   cache_path=os.path.join(cache_dir, f"{name}-{key[:24]}.npz"),
-                                   num_threads=config.get("num_threads") or None)
+  for name, s in sets.items():
+    if isinstance(s, Features):
+      feats[name] = s
+      continue
+    if clip is None:
+      raise ValueError(f"evaluate: set {name!r} is a Dataset: encoding it needs `clip`")
+    feats[name] = encode_set(clip, s, params=params, batch_size=options.batch_size, mesh=mesh,
+                             cache_dir=options.cache_dir or os.path.join(workdir, "cache"),
+                             num_threads=options.num_threads or None)
 
-  methods = [m.strip() for m in config.scores.split(",")] if isinstance(config.scores, str) else list(config.scores)
-  if neg_text is None and "neglabel" in methods:
-    raise ValueError("score 'neglabel' needs config.negatives.label_list or config.negatives.corpus")
-  kw = dict(groups=int(config.groups), temperature=float(config.temperature), seed=int(config.seed))
-  fns = builtin_methods(methods, mcm_temperature=float(config.mcm_temperature), **kw)
-  if image_transform is not None or negative_features is not None:
-    fns[config.get("tuned_method", "synood")] = tuned_method(
-        image_transform=image_transform,
-        negative_features=None if negative_features is None else np.asarray(negative_features, np.float32),
-        **kw)
-  fns.update(extra_methods or {})
-  ctx = {"id_text": jnp.asarray(id_text), "neg_text": None if neg_text is None else jnp.asarray(neg_text),
-         "classnames": classnames, "negative_labels": neg_labels}
-  chunk = int(config.get("score_batch_size", 4096))
-  all_scores = {m: {name: _chunked(lambda x, fn=fn: fn(jnp.asarray(x), ctx), f.features, chunk)
+  fns = builtin_methods(options.scores, {m: jnp.asarray(t) for m, t in texts.items()}, neg_text,
+                        groups=options.groups, temperature=options.temperature, seed=options.seed,
+                        mcm_temperature=options.mcm_temperature)
+  clash = set(fns) & set(methods or {})
+  if clash:
+    raise ValueError(f"evaluate: methods {sorted(clash)} are built-in scores too")
+  fns.update(methods or {})
+  if not fns:
+    raise ValueError("evaluate: no score to compute (options.scores and methods are both empty)")
+  all_scores = {m: {name: _chunked(lambda x, fn=fn: fn(jnp.asarray(x)), f.features, options.score_batch_size)
                     for name, f in feats.items()} for m, fn in fns.items()}
 
-  ood_names = list(ood_sets)
-  conventions = list(metrics.CONVENTIONS)
+  id_feats = _in_label_space(sets[id_set], feats[id_set], classnames)
   results = {
-      "header": {
-          "model": os.path.abspath(config.clip_path), "dtype": dtype,
-          "classnames": _describe_classnames(config.classnames),
-          "num_classes": len(classnames), "templates": templates, "negatives": neg_desc,
-          "num_negatives": 0 if neg_text is None else int(neg_text.shape[0]),
-          "groups": kw["groups"], "temperature": kw["temperature"], "seed": kw["seed"],
-          "mcm_temperature": float(config.mcm_temperature), "preprocess": preprocess_id,
-          "id_set": id_name, "id_count": int(feats[id_name].features.shape[0]),
-          "ood_counts": {s: int(feats[s].features.shape[0]) for s in ood_names},
-          "mesh": dict(mesh.shape), "batch_size": batch_size,
-      },
-      "id_set": id_name, "ood_sets": ood_names, "conventions": conventions,
-      "methods": compute_metrics(all_scores, id_name, ood_names, conventions),
-      "id_accuracy": _id_accuracy(feats[id_name], id_text),
+      "header": _header(clip, classnames, names, templates, method_templates, negatives, options, feats,
+                        id_set, ood_names, mesh),
+      "id_set": id_set, "ood_sets": ood_names, "conventions": list(options.fpr95_rules),
+      "counts": set_counts(sets, feats),
+      "methods": compute_metrics(all_scores, id_set, ood_names, options.fpr95_rules),
+      "id_accuracy": {m: _id_accuracy(id_feats, t) for m, t in texts.items()},
       "failures": {name: f.failures for name, f in feats.items()},
       "cache": {name: f.cache_path for name, f in feats.items()},
   }
@@ -383,21 +466,140 @@ def evaluate(config, workdir: str, *, bundle=None, image_transform: Callable | N
   report.write_markdown(results, os.path.join(workdir, "results.md"))
   np.savez(os.path.join(workdir, "scores.npz"),
            **{f"{m}/{s}": v for m, by_set in all_scores.items() for s, v in by_set.items()})
-  np.savez(os.path.join(workdir, "text_features.npz"), id_text=id_text,
-           neg_text=np.zeros((0, id_text.shape[1]), np.float32) if neg_text is None else neg_text)
-  if config.get("plots", True):
-    report.write_plots(all_scores, id_name, ood_names, os.path.join(workdir, "plots"))
-  logging.info("results:\n%s", report.metrics_table(results, "id_positive"))
+  np.savez(os.path.join(workdir, "text_features.npz"), **{f"id_text/{m}": t for m, t in texts.items()},
+           neg_text=np.zeros((0, 0), np.float32) if negatives is None else negatives.features)
+  if options.plots:
+    report.write_plots(all_scores, id_set, ood_names, os.path.join(workdir, "plots"), counts=results["counts"])
+  logging.info("results:\n%s", report.metrics_table(results, results["conventions"][0]))
   return results
 
 
+def _id_text(clip, params, names, templates: Mapping[str, list[str]], given: dict, batch_size: int,
+             mesh) -> dict[str, np.ndarray]:
+  """{method: [C, D]}: given, or encoded once per distinct template list."""
+  encoded = {}
+  for m, t in templates.items():
+    if m in given:
+      continue
+    if clip is None or names is None:
+      raise ValueError(f"evaluate: score {m!r} needs `id_text[{m!r}]`, or `clip` and `classnames`")
+    if tuple(t) not in encoded:
+      encoded[tuple(t)] = class_features(clip, clip.params if params is None else params, names, t,
+                                         batch_size, mesh)
+    given[m] = encoded[tuple(t)]
+  return {m: np.asarray(given[m], np.float32) for m in templates}
+
+
+def _header(clip, classnames, names, templates, method_templates, negatives, options: Options, feats,
+            id_set: str, ood_names: list[str], mesh) -> dict:
+  """What produced the numbers (results.md prints it above the tables)."""
+  prompts = {m: list(t) for m, t in templates.items()}
+  prompts.update({m: list(t) for m, t in (method_templates or {}).items()})
+  return {
+      "model": os.path.abspath(clip.folder) if clip is not None and clip.folder else "(precomputed features)",
+      "dtype": _dtype_name(clip) if clip is not None else None,
+      "classnames": _describe_classnames(classnames), "num_classes": None if names is None else len(names),
+      "templates": prompts,
+      "negatives": "none" if negatives is None else negatives.description,
+      "num_negatives": 0 if negatives is None else int(negatives.features.shape[0]),
+      "groups": options.groups, "temperature": options.temperature, "seed": options.seed,
+      "mcm_temperature": options.mcm_temperature, "fpr95_rules": dict(options.fpr95_rules),
+      "preprocess": (make_preprocess(clip.folder, clip.config.vision.image_size)[1]
+                     if clip is not None and clip.folder else None),
+      "id_set": id_set, "id_count": int(feats[id_set].features.shape[0]),
+      "ood_counts": {s: int(feats[s].features.shape[0]) for s in ood_names},
+      "mesh": dict(mesh.shape), "batch_size": options.batch_size,
+  }
+
+
+# ------------------------------------------------------------------------------------------------
+# The config adapter (configs/evaluate.py, launch/evaluate.py).
+
+def sets_from_config(e, id_set: str | None = None, ood_sets: str | None = None
+                     ) -> tuple[dict[str, data.Dataset], str]:
+  """(the loaded sets, the ID set's name) from a config's `eval` (`id_set`, `ood_sets`, `data_dir`,
+  `allow_partial`, `verify`, `num_threads`); `id_set` / `ood_sets` replace the config's specs."""
+  id_sets = parse_sets(e.id_set if id_set is None else id_set, e.get("data_dir", ""))
+  if len(id_sets) != 1:
+    raise ValueError(f"config.eval.id_set: exactly one ID set, got {list(id_sets)}")
+  oods = parse_sets(e.ood_sets if ood_sets is None else ood_sets, e.get("data_dir", ""))
+  if not oods:
+    raise ValueError("config.eval.ood_sets is empty")
+  sets = load_sets(id_sets, oods, allow_partial=bool(e.get("allow_partial", False)),
+                   verify=e.get("verify", "exists"), num_threads=e.get("num_threads") or None)
+  return sets, next(iter(id_sets))
+
+
+def evaluate_config(config, workdir: str) -> dict:
+  """The zero-shot evaluation a whole config describes (configs/evaluate.py): `models.clip_path` and
+  `models.dtype`, `mesh`, `data.classnames` ('folders': the ID set's classes), `negatives.*`, `eval.*`."""
+  import jax.numpy as jnp
+
+  from synood_jax import parallel
+  from synood_jax.models import clip as clip_lib
+
+  sets, id_name = sets_from_config(config.eval)  # every file checked before any model work
+  if not config.models.clip_path:
+    raise ValueError("config.models.clip_path is empty: the evaluation needs a CLIP folder")
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  bundle = clip_lib.from_pretrained(config.models.clip_path, dtype=jnp.dtype(config.models.dtype))
+  params = parallel.shard_params(bundle.params, mesh, config.mesh.sharding_rules)
+  classnames = config.data.classnames
+  if classnames == "folders":
+    classnames = sets[id_name].classes
+    if not classnames:
+      raise ValueError(f"config.data.classnames='folders': the ID set {id_name!r} has no class folders")
+  options = Options.from_config(config.eval)
+  negatives = encode_negatives(bundle, imagenet_classes.load_classnames(classnames), params=params,
+                               batch_size=options.text_batch_size, mesh=mesh, **config.negatives.to_dict())
+  if negatives is not None and negatives.provenance.get("corpus"):
+    os.makedirs(workdir, exist_ok=True)
+    negatives.save(os.path.join(workdir, "negative_labels.json"),
+                   os.path.join(workdir, "negative_features.npz"))
+  return evaluate(workdir, sets, id_name, clip=bundle, params=params, classnames=classnames,
+                  negatives=negatives, mesh=mesh, options=options)
+
+
 def _describe_classnames(source) -> str:
+  if source is None:
+    return "none"
   if not isinstance(source, str):
-    return "(a list given in the config)"
+    return f"a list of {len(source)} given by the caller"
   if source.lower() in imagenet_classes.BUILTIN:
     return (f"builtin '{source}': CLIP's cleaned ImageNet-1k names "
             "(openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb), as MCM / NegLabel use")
   return f"`{os.path.abspath(source)}`"
+
+
+def set_counts(sets: Mapping[str, data.Dataset | Features], feats: Mapping[str, Features]) -> dict:
+  """{set: {found, listed, expected}}: images scored, records listed, images the full set has (by its
+  manifest or benchmark name; None if unknown). found < expected marks a partial set everywhere."""
+  from synood_jax.data import prepare
+  out = {}
+  for name, f in feats.items():
+    ds = sets[name]
+    listed = len(ds) if isinstance(ds, data.Dataset) else int(f.features.shape[0])
+    expected = prepare.expected_images(name, ds) if isinstance(ds, data.Dataset) else None
+    out[name] = {"found": int(f.features.shape[0]), "listed": listed, "expected": expected}
+    if expected and out[name]["found"] < expected:
+      logging.warning("%s: a partial set (%d of %d images); its numbers are shown as such", name,
+                      out[name]["found"], expected)
+  return out
+
+
+def _in_label_space(ds, f: Features, classnames) -> Features:
+  """The ID features with labels as indices of the class names, by each class folder's name (a wnid,
+  or the name itself; `imagenet.class_index`), not by its position among the set's folders: a subset
+  of ImageNet val keeps ImageNet's labels. Unchanged when the set has no class folders."""
+  if not isinstance(ds, data.Dataset) or not ds.classes or classnames is None or f.labels.size == 0:
+    return f
+  try:
+    index = imagenet_classes.class_index(ds.classes, classnames).index
+  except ValueError as e:
+    logging.warning("%s: class folders do not match the class names (%s); no ID accuracy", ds.name, e)
+    return dataclasses.replace(f, labels=np.full_like(f.labels, -1))
+  lookup = np.asarray([index[c] for c in ds.classes])
+  return dataclasses.replace(f, labels=np.where(f.labels >= 0, lookup[np.maximum(f.labels, 0)], -1))
 
 
 def _id_accuracy(f: Features, id_text: np.ndarray) -> float | None:

@@ -1,30 +1,52 @@
 """OOD detection metrics (numpy, float64): AUROC, FPR at a TPR, AUPR-In/Out, ROC points.
 
 Scores are higher = more in-distribution. Two conventions:
-- 'id_positive' (MOS, MCM, NegLabel): ID is the positive class with score s;
-  FPR95 = share of OOD accepted (s >= t) at the first threshold t that accepts >= 95% of ID.
-- 'ood_positive' (OpenOOD v1.5): OOD is the positive class with score -s;
-  FPR95 = share of ID rejected (-s >= t) at the first threshold t that catches >= 95% of OOD.
-The curve is the full ROC at distinct thresholds (ties handled as sklearn does: one operating point
-per distinct score), with (0, 0) prepended; FPR at TPR x = FPR of the first point with TPR >= x,
-no interpolation (= sklearn `fpr[np.argmax(tpr >= x)]` with `drop_intermediate=False`).
-NegLabel's own evaluation instead takes the point whose recall is nearest to 0.95.
+- 'id_positive' (MOS, MCM, NegLabel): ID is the positive class with score s; FPR95 is the share of
+  OOD accepted at the operating point of 95% ID recall.
+- 'ood_positive' (OpenOOD v1.5): OOD is the positive class with score -s; FPR95 is the share of ID
+  rejected at the operating point of 95% OOD recall.
+
+The curve. With P positives and N negatives, at each distinct score t_1 > t_2 > ... > t_K:
+  tps_k = #{pos >= t_k},  fps_k = #{neg >= t_k},  TPR_k = tps_k / P,  FPR_k = fps_k / N.
+Where the curve reaches TPR = 0.95 differs between the peers' evaluation code; each rule is named:
+- 'neglabel' (MOS / MCM / NegLabel `fpr_and_fdr_at_recall`): over the points k <= L, L = the first
+  point with tps_k = P, the one whose recall is nearest: k* = argmin_k |tps_k / P - 0.95| (float64),
+  ties to the largest k (lowest threshold, largest FPR). FPR95 = fps_k* / N.
+- 'openood' (OpenOOD v1.5 `compute_all_metrics`: sklearn `roc_curve` with its default
+  drop_intermediate=True): drop every interior point k with fps_{k-1} - 2 fps_k + fps_{k+1} = 0 and
+  tps_{k-1} - 2 tps_k + tps_{k+1} = 0 (collinear with its neighbours), prepend (0, 0), then
+  FPR95 = FPR of the first remaining point with TPR >= 0.95.
+- 'exact': FPR of the first point of the full curve (with (0, 0) prepended) with TPR >= 0.95, i.e.
+  the operating point of the highest threshold that reaches 95% recall.
+The defaults (`DEFAULT_FPR_RULES`) reproduce the published tables: 'neglabel' for ID positive,
+'openood' for OOD positive.
 AUROC is the same under both conventions; AUPR-In and AUPR-Out are sklearn's average precision
-(sum_k (R_k - R_{k-1}) P_k) with ID positive on s, and OOD positive on -s, in both conventions.
+(sum_k (R_k - R_{k-1}) P_k) with ID positive on s, and OOD positive on -s, in both conventions (MCM's
+and NegLabel's `average_precision_score`; OpenOOD v1.5 instead integrates the PR curve by trapezoids).
 """
 from __future__ import annotations
 
 import numpy as np
 
 CONVENTIONS = ("id_positive", "ood_positive")
+FPR_RULES = ("neglabel", "openood", "exact")
+DEFAULT_FPR_RULES = {"id_positive": "neglabel", "ood_positive": "openood"}
+RULE_TEXT = {
+    "neglabel": "recall nearest 0.95, ties to the lowest threshold (MOS / MCM / NegLabel)",
+    "openood": "first point with TPR >= 0.95 on sklearn's roc_curve(drop_intermediate=True) (OpenOOD v1.5)",
+    "exact": "first point with TPR >= 0.95 on the full ROC curve",
+}
 
 
-def _as_scores(x, name: str) -> np.ndarray:
+def check_scores(x, what: str) -> np.ndarray:
+  """float64 [n] scores; raise naming `what` (e.g. "method 'mcm', set 'sun'") if empty or non-finite."""
   x = np.asarray(x, dtype=np.float64).reshape(-1)
   if x.size == 0:
-    raise ValueError(f"metrics: {name} is empty")
-  if not np.all(np.isfinite(x)):
-    raise ValueError(f"metrics: {name} has non-finite values")
+    raise ValueError(f"{what}: no scores")
+  bad = np.flatnonzero(~np.isfinite(x))
+  if bad.size:
+    raise ValueError(f"{what}: {bad.size} of {x.size} scores are not finite (first at index {bad[0]}: "
+                     f"{x[bad[0]]})")
   return x
 
 
@@ -42,7 +64,7 @@ def _binary_curve(pos: np.ndarray, neg: np.ndarray):
 
 def _split(id_scores, ood_scores, convention: str):
   """(positive scores, negative scores) for the convention; OOD-positive negates the scores."""
-  s_id, s_ood = _as_scores(id_scores, "id_scores"), _as_scores(ood_scores, "ood_scores")
+  s_id, s_ood = check_scores(id_scores, "metrics: id_scores"), check_scores(ood_scores, "metrics: ood_scores")
   if convention == "id_positive":
     return s_id, s_ood
   if convention == "ood_positive":
@@ -63,10 +85,50 @@ def auroc(id_scores, ood_scores) -> float:
   return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
-def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95, convention: str = "id_positive") -> float:
-  """FPR at the first ROC point with TPR >= tpr (no interpolation)."""
-  fprs, tprs, _ = roc_points(id_scores, ood_scores, convention)
-  return float(fprs[np.argmax(tprs >= tpr)])
+# ------------------------------------------------------------------------------------------------
+# FPR at a TPR: each rule maps (tps, fps) at the distinct thresholds to the false positives counted.
+
+def _first_reaching(tps: np.ndarray, fps: np.ndarray, tpr: float) -> float:
+  # the curve starts at (0, 0) as sklearn's does; the last point has TPR = 1, so one always qualifies
+  return np.r_[0.0, fps][np.argmax(np.r_[0.0, tps] / tps[-1] >= tpr)]
+
+
+def _exact_rule(tps, fps, tpr):
+  return _first_reaching(tps, fps, tpr)
+
+
+def _openood_rule(tps, fps, tpr):
+  if tps.size > 2:  # sklearn's drop_intermediate: keep the ends and every point where the curve bends
+    keep = np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True]
+    tps, fps = tps[keep], fps[keep]
+  return _first_reaching(tps, fps, tpr)
+
+
+def _neglabel_rule(tps, fps, tpr):
+  last = int(np.searchsorted(tps, tps[-1]))        # the first point with full recall
+  recall = tps[last::-1] / tps[-1]                   # from it up to the highest threshold
+  return fps[last::-1][np.argmin(np.abs(recall - tpr))]  # argmin takes the first: the lowest threshold
+
+
+_RULES = {"neglabel": _neglabel_rule, "openood": _openood_rule, "exact": _exact_rule}
+
+
+def default_rule(convention: str) -> str:
+  if convention not in DEFAULT_FPR_RULES:
+    raise ValueError(f"metrics: convention={convention!r} not in {CONVENTIONS}")
+  return DEFAULT_FPR_RULES[convention]
+
+
+def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95, convention: str = "id_positive",
+               rule: str | None = None) -> float:
+  """FPR at the operating point `rule` picks for TPR `tpr` (module docstring); default: the
+  convention's published rule (`DEFAULT_FPR_RULES`)."""
+  rule = default_rule(convention) if rule is None else rule
+  if rule not in _RULES:
+    raise ValueError(f"metrics: fpr95 rule {rule!r} not in {FPR_RULES}")
+  pos, neg = _split(id_scores, ood_scores, convention)
+  tps, fps, _ = _binary_curve(pos, neg)
+  return float(_RULES[rule](tps, fps, tpr) / neg.size)
 
 
 def _average_precision(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -86,9 +148,10 @@ def aupr_out(id_scores, ood_scores) -> float:
   return _average_precision(*_split(id_scores, ood_scores, "ood_positive"))
 
 
-def ood_metrics(id_scores, ood_scores, convention: str = "id_positive", tpr: float = 0.95) -> dict:
-  """dict(fpr95, auroc, aupr_in, aupr_out); only fpr95 depends on the convention."""
-  return dict(fpr95=fpr_at_tpr(id_scores, ood_scores, tpr, convention),
+def ood_metrics(id_scores, ood_scores, convention: str = "id_positive", tpr: float = 0.95,
+                rule: str | None = None) -> dict:
+  """dict(fpr95, auroc, aupr_in, aupr_out); only fpr95 depends on the convention (and the rule)."""
+  return dict(fpr95=fpr_at_tpr(id_scores, ood_scores, tpr, convention, rule),
               auroc=auroc(id_scores, ood_scores),
               aupr_in=aupr_in(id_scores, ood_scores),
               aupr_out=aupr_out(id_scores, ood_scores))

@@ -3,7 +3,8 @@
 Results follow the layout `evaluation.evaluate` writes to results.json:
   results["methods"][method][convention][ood_set] = {fpr95, auroc, aupr_in, aupr_out}   (fractions)
   results["methods"][method][convention]["average"] = the same keys, mean over the OOD sets
-  results["ood_sets"] = ordered OOD set names; results["header"] = what produced the numbers.
+  results["ood_sets"] = ordered OOD set names; results["header"] = what produced the numbers (each
+  method's prompt templates, the FPR95 operating-point rule of each convention, ...).
 Tables print percentages with two decimals, as the papers do.
 """
 from __future__ import annotations
@@ -23,8 +24,34 @@ CONVENTION_TEXT = {
 }
 
 
+def convention_heading(convention: str, rule: str | None) -> list[str]:
+  """The table's heading lines: the convention, and the operating-point rule its FPR95 used."""
+  lines = [f"## {CONVENTION_TEXT.get(convention, convention)}", ""]
+  if rule is not None:
+    lines += [f"FPR95 operating point '{rule}': {metrics.RULE_TEXT.get(rule, rule)}.", ""]
+  return lines
+
+
 def pretty(name: str) -> str:
   return PRETTY.get(name.lower(), name)
+
+
+def partial(name: str, counts: Mapping | None) -> tuple[int, int] | None:
+  """(found, expected) when the set has fewer images than the full set it is named after, else None."""
+  c = (counts or {}).get(name) or {}
+  found, expected = c.get("found"), c.get("expected")
+  return (found, expected) if found is not None and expected and found < expected else None
+
+
+def set_label(name: str, counts: Mapping | None = None) -> str:
+  """The set's display name; a partial set says so: 'SUN (8 of 10,000)'."""
+  p = partial(name, counts)
+  return f"{pretty(name)} ({p[0]:,} of {p[1]:,})" if p else pretty(name)
+
+
+def _set_count(name: str, n, counts: Mapping | None) -> str:
+  p = partial(name, counts)
+  return f"`{name}` ({p[0]:,} of {p[1]:,} images: **partial**)" if p else f"`{name}` ({n})"
 
 
 def _pct(x) -> str:
@@ -36,7 +63,9 @@ def metrics_table(results: Mapping, convention: str = "id_positive",
   """Rows = methods; columns = each OOD set's metrics, then Average (Markdown)."""
   sets = list(results["ood_sets"]) + ["average"]
   arrows = {"fpr95": "FPR95↓", "auroc": "AUROC↑", "aupr_in": "AUPR-In↑", "aupr_out": "AUPR-Out↑"}
-  head = ["Method"] + [f"{'Average' if s == 'average' else pretty(s)} {arrows[c]}" for s in sets for c in columns]
+  counts = results.get("counts")
+  head = ["Method"] + [f"{'Average' if s == 'average' else set_label(s, counts)} {arrows[c]}"
+                       for s in sets for c in columns]
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + [":---:"] * (len(head) - 1)) + "|"]
   for method, by_conv in results["methods"].items():
     row = [pretty(method)]
@@ -52,10 +81,16 @@ def markdown(results: Mapping) -> str:
   h = results.get("header", {})
   out = ["# OOD detection results", ""]
   out.append(f"- Model: `{h.get('model', '?')}` ({h.get('dtype', '?')})")
-  out.append(f"- ID set: `{h.get('id_set', '?')}` ({h.get('id_count', '?')} images); "
-             f"OOD sets: {', '.join(f'`{s}` ({n})' for s, n in h.get('ood_counts', {}).items())}")
+  counts = results.get("counts")
+  out.append(f"- ID set: {_set_count(h.get('id_set', '?'), h.get('id_count', '?'), counts)}; OOD sets: "
+             + ", ".join(_set_count(s, n, counts) for s, n in h.get("ood_counts", {}).items()))
   out.append(f"- Class names: {h.get('classnames', '?')} ({h.get('num_classes', '?')} classes)")
-  out.append(f"- Prompt templates: {', '.join(repr(t) for t in h.get('templates', []))}")
+  templates = h.get("templates", [])
+  if isinstance(templates, dict):  # each method's own ID prompts
+    out.append("- Prompt templates: " + "; ".join(
+        f"{pretty(m)} {', '.join(repr(t) for t in ts)}" for m, ts in templates.items()))
+  else:
+    out.append(f"- Prompt templates: {', '.join(repr(t) for t in templates)}")
   if h.get("negatives"):
     out.append(f"- Negative labels: {h['negatives']}")
   if h.get("groups") is not None:
@@ -63,16 +98,20 @@ def markdown(results: Mapping) -> str:
                f"seed {h.get('seed')}; MCM temperature {h.get('mcm_temperature')}")
   if h.get("preprocess"):
     out.append(f"- Preprocessing: {h['preprocess']}")
-  if results.get("id_accuracy") is not None:
-    out.append(f"- Zero-shot ID top-1 accuracy: {_pct(results['id_accuracy'])}%")
+  accuracy = {m: a for m, a in (results.get("id_accuracy") or {}).items() if a is not None}
+  if accuracy:
+    out.append("- Zero-shot ID top-1 accuracy: " + ", ".join(
+        f"{_pct(a)}% with {pretty(m)}'s prompts" for m, a in accuracy.items()))
   failures = results.get("failures", {})
   n_fail = sum(len(v) for v in failures.values())
   out.append(f"- Unreadable images left out: {n_fail}" + (" (listed in results.json)" if n_fail else ""))
   out.append("")
-  for convention in results.get("conventions", list(metrics.CONVENTIONS)):
-    out += [f"## {CONVENTION_TEXT.get(convention, convention)}", "", metrics_table(results, convention), ""]
-  out += ["AUPR (ID positive convention):", "",
-          metrics_table(results, "id_positive", ("aupr_in", "aupr_out")), ""]
+  rules = h.get("fpr95_rules", {})
+  conventions = results.get("conventions", list(metrics.CONVENTIONS))
+  for convention in conventions:
+    out += convention_heading(convention, rules.get(convention)) + [metrics_table(results, convention), ""]
+  out += ["AUPR (average precision; the same in both conventions):", "",
+          metrics_table(results, conventions[0], ("aupr_in", "aupr_out")), ""]
   return "\n".join(out)
 
 
@@ -139,28 +178,63 @@ def plot_histograms(id_scores: np.ndarray, ood_scores: Mapping[str, np.ndarray],
 
 
 def write_plots(scores: Mapping[str, Mapping[str, np.ndarray]], id_set: str, ood_sets: Sequence[str],
-                out_dir: str, convention: str = "id_positive") -> list[str]:
-  """scores[method][set] -> `roc_<set>.png` per OOD set and `hist_<method>.png` per method."""
+                out_dir: str, convention: str = "id_positive", counts: Mapping | None = None) -> list[str]:
+  """scores[method][set] -> `roc_<set>.png` per OOD set and `hist_<method>.png` per method; partial
+  sets (`counts`) are named as such in titles and legends."""
   os.makedirs(out_dir, exist_ok=True)
+  label = lambda s: set_label(s, counts)
   paths = []
   for s in ood_sets:
     paths.append(plot_roc({m: v[id_set] for m, v in scores.items()}, {m: v[s] for m, v in scores.items()},
-                          os.path.join(out_dir, f"roc_{s}.png"), f"ROC: {id_set} vs {pretty(s)}", convention))
+                          os.path.join(out_dir, f"roc_{s}.png"), f"ROC: {label(id_set)} vs {label(s)}", convention))
   for m, v in scores.items():
-    paths.append(plot_histograms(v[id_set], {s: v[s] for s in ood_sets},
+    paths.append(plot_histograms(v[id_set], {label(s): v[s] for s in ood_sets},
                                  os.path.join(out_dir, f"hist_{m}.png"), f"{pretty(m)} scores"))
   return paths
 
 
-def write_image_grid(pairs: Sequence[tuple[str, str]], path: str, size: int = 96) -> str:
-  """Two rows per column pair: each source image above its synthetic in-painting (PNG)."""
-  from PIL import Image
+def write_image_grid(pairs: Sequence[tuple[str, str]], path: str, size: int = 96,
+                     captions: Sequence[str] | None = None, per_row: int = 4) -> str:
+  """Pairs side by side (source left, synthetic right), `per_row` pairs a row, each with an optional
+  caption strip below (PNG)."""
+  from PIL import Image, ImageDraw
   n = len(pairs)
-  grid = Image.new("RGB", (max(n, 1) * size, 2 * size), "white")
+  cols = max(1, min(per_row, n))
+  rows = max(1, -(-n // cols))
+  strip = 14 if captions else 0
+  gap = 6
+  cell_w, cell_h = 2 * size + gap, size + strip + gap
+  grid = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
+  draw = ImageDraw.Draw(grid)
   for i, (src, syn) in enumerate(pairs):
-    for row, p in enumerate((src, syn)):
+    x, y = (i % cols) * cell_w, (i // cols) * cell_h
+    for k, p in enumerate((src, syn)):
       with Image.open(p) as im:
-        grid.paste(im.convert("RGB").resize((size, size), Image.BICUBIC), (i * size, row * size))
+        grid.paste(im.convert("RGB").resize((size, size), Image.BICUBIC), (x + k * size, y))
+    if captions:
+      draw.text((x + 2, y + size + 1), captions[i], fill="black")
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   grid.save(path)
+  return path
+
+
+def plot_loss_curves(curves: Mapping[str, Sequence[Mapping]], path: str) -> str:
+  """Training loss per step (thin) and per-epoch mean (markers), one panel per curve; rows are
+  metrics.jsonl records {step, epoch, loss}."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+  for ax, (name, rows) in zip(axes[0], curves.items()):
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, alpha=0.6, label="per step")
+    epochs = sorted({r["epoch"] for r in rows})
+    ends = [max(r["step"] for r in rows if r["epoch"] == e) for e in epochs]
+    means = [np.mean([r["loss"] for r in rows if r["epoch"] == e]) for e in epochs]
+    ax.plot(ends, means, "o-", lw=1.5, label="epoch mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title(name)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
   return path

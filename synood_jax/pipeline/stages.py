@@ -3,9 +3,12 @@
 models -> data -> sources -> synthesis -> negatives -> features -> stage2 -> stage3 -> export -> evaluate
 -> report
 
-Each stage writes into the workdir and then `done/<stage>.json`; a rerun skips finished stages, and a
-stage that was killed picks up where it stopped (synthesis by its manifest, training by its orbax
-checkpoints, evaluation by its feature cache).
+Each stage writes into the workdir and then `done/<stage>.json` with the fingerprint of the config
+fields it reads (READS) and of the stages it consumes (CONSUMES; `provenance.py`). A rerun skips a
+finished stage while its fingerprint holds, and re-runs it and everything downstream when a field it
+reads changed (or refuses, with `on_change='error'`). A stage that was killed picks up where it stopped
+if its inputs are unchanged (synthesis by its manifest, training by its orbax checkpoints, evaluation by
+its feature cache). Every path the config names is checked before the first stage runs (`inputs.py`).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import time
 from typing import Callable
 
@@ -21,11 +25,11 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from synood_jax.synthesis import context_prompts, guidance, sources, synthesize as synthesis
+from synood_jax.synthesis import context_prompts, guidance, health, sources, synthesize as synthesis
 from synood_jax.data import datasets as data, imagenet as imagenet_classes
 from synood_jax.demo import images as demo_data
 from synood_jax.ood import evaluation
-from synood_jax.pipeline import export
+from synood_jax.pipeline import export, inputs, provenance
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax.train import negatives, projection
 from synood_jax.labels import negative_labels as nl
@@ -68,19 +72,33 @@ class Context:
     return clip.from_pretrained(model_paths(self.config, self.wd)[0],
                                 dtype=jnp.dtype(self.config.models.dtype))
 
+  def class_index(self, root: str) -> imagenet_classes.ClassIndex:
+    """Each class folder of `root`'s class index, from its name (a wnid, or a class file's entry)."""
+    return imagenet_classes.class_index(sources.class_folders(root), self.config.data.classnames, root)
+
   @functools.cached_property
   def classnames(self) -> list[str]:
+    """The label space: every class name by index (a subset of folders still has all of them)."""
     names = self.config.data.classnames
     if names == "folders":
       return sources.class_folders(data_roots(self.config, self.wd)["train"])
-    return imagenet_classes.load_classnames(names)
+    return imagenet_classes.class_names(names)
+
+  @functools.cached_property
+  def templates(self) -> list[str]:
+    """The ID prompts of NegLabel, which SynOOD's guidance, training and tuned score use."""
+    return imagenet_classes.load_templates(self.config.eval.templates.neglabel)
 
   @functools.cached_property
   def id_text(self) -> np.ndarray:
     """Normalised ID class text features (the NegLabel / SynOOD prompt)."""
-    templates = imagenet_classes.load_templates(self.config.eval.templates)
-    return zero_shot.class_text_features(self.clip, self.clip.params, self.classnames, templates,
+    return zero_shot.class_text_features(self.clip, self.clip.params, self.classnames, self.templates,
                                          int(self.config.eval.text_batch_size), self.mesh)
+
+  @functools.cached_property
+  def negatives(self) -> evaluation.Negatives:
+    """The negative labels and their text features, as the negatives stage encoded them (once)."""
+    return evaluation.Negatives.load(self.wd.negative_labels, self.wd.negative_features)
 
   @functools.cached_property
   def synthesis_models(self):
@@ -90,19 +108,12 @@ class Context:
     pipe, params = pipeline.load_inpaint_pipeline(model_paths(c, self.wd)[1], dtype=jnp.dtype(c.models.dtype),
                                                   scheduler=c.synthesis.get("scheduler") or None)
     logits_fn, params["classifier"] = _guidance(self)
-    return pipe, parallel.shard_params(params, self.mesh), logits_fn
+    return pipe, parallel.shard_params(params, self.mesh, self.config.mesh.sharding_rules), logits_fn
 
-  def preprocess(self):
-    return evaluation.make_preprocess(model_paths(self.config, self.wd)[0],
-                                      self.clip.config.vision.image_size)[0]
-
-
-def _mark_done(wd: Workdir, stage: str, info: dict) -> None:
-  path = wd.done(stage)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(info, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  @functools.cached_property
+  def clip_params(self):
+    """CLIP's params placed on the mesh by the sharding rules."""
+    return parallel.shard_params(self.clip.params, self.mesh, self.config.mesh.sharding_rules)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,9 +154,14 @@ def stage_data(ctx: Context) -> dict:
 def stage_sources(ctx: Context) -> dict:
   """Per class the top-k images by JPEG bytes per pixel."""
   root = data_roots(ctx.config, ctx.wd)["train"]
-  selection = sources.select_sources(root, per_class=ctx.config.sources.per_class)
+  classes = ctx.class_index(root)
+  if classes.subset:
+    logging.warning("sources: %s has %s: a subset; each keeps its class index in the full label space",
+                    root, classes.describe())
+  selection = sources.select_sources(root, per_class=ctx.config.sources.per_class, class_index=classes.index)
   sources.write_source_list(ctx.wd.sources, selection.records)
-  return {"root": root, "selected": len(selection.records),
+  return {"root": root, "selected": len(selection.records), "classes": classes.describe(),
+          "subset": classes.subset, "class_folders": len(classes.index), "label_space": len(classes.names),
           "skipped": [dict(path=s.path, reason=s.reason) for s in selection.skipped]}
 
 
@@ -165,7 +181,8 @@ def _guidance(ctx: Context):
   raise ValueError(f"config.synthesis.classifier: {g.classifier!r} is not 'clip' or 'resnet50'")
 
 
-def _synthesize(ctx: Context, records: list[dict], source_root: str, out_dir: str) -> list[dict]:
+def _synthesize(ctx: Context, records: list[dict], source_root: str, out_dir: str) -> dict:
+  """Synthesizes the sources that have a prompt; returns their counts per status and the unreadable ones."""
   c = ctx.config
   contexts = c.context.answers_file or {}
   prompts = context_prompts.prompts_for_sources(
@@ -173,62 +190,45 @@ def _synthesize(ctx: Context, records: list[dict], source_root: str, out_dir: st
       template=c.context.template, max_chars=c.context.max_chars)
   kept = [r for r in records if r["path"] in prompts.prompts]
   pipe, params, logits_fn = ctx.synthesis_models
-  return synthesis.synthesize(c.synthesis, out_dir, pipe, params, logits_fn, source_root, kept,
+  made = synthesis.synthesize(c.synthesis, out_dir, pipe, params, logits_fn, source_root, kept,
                               [prompts.prompts[r["path"]] for r in kept], ctx.mesh)
+  done = {m["source"] for m in made}
+  return {"images": len(made), "status": health.counts([health.status_of(m) for m in made]),
+          "unreadable_sources": [r["path"] for r in kept if r["path"] not in done]}
 
 
 def stage_synthesis(ctx: Context) -> dict:
   """In-paint every source with boundary refinement; the demo also synthesizes from held-out ID
   images, so that the tuned model can be tested on synthetic images it never trained on."""
   root = data_roots(ctx.config, ctx.wd)
-  made = _synthesize(ctx, _records(ctx.wd.sources), root["train"],
-                     ctx.wd.synthesis)
-  info = {"images": len(made), "flagged_in_distribution": sum(m["stayed_in_distribution"] for m in made),
-          "procedure_version": synthesis.PROCEDURE_VERSION}
+  info = _synthesize(ctx, _records(ctx.wd.sources), root["train"], ctx.wd.synthesis)
   if ctx.config.data.get("generate"):
-    held = sources.select_sources(root["val"], per_class=10**6).records
-    info["heldout_images"] = len(_synthesize(ctx, [dataclasses.asdict(r) for r in held], root["val"],
-                                             ctx.wd.synthesis_heldout))
+    held = sources.select_sources(root["val"], per_class=None,
+                                  class_index=ctx.class_index(root["val"]).index).records
+    info["heldout"] = _synthesize(ctx, [dataclasses.asdict(r) for r in held], root["val"],
+                                  ctx.wd.synthesis_heldout)
   ctx.__dict__.pop("synthesis_models", None)  # the later stages need no UNet, VAE or their params
   return info
 
 
 def stage_negatives(ctx: Context) -> dict:
-  """NegLabel's negative labels: a given list, or mined from a corpus with the ID class names."""
-  n = ctx.config.negatives
-  out = ctx.wd.negative_labels
-  if n.label_list:
-    labels = nl.load_label_list(n.label_list)
-    provenance = {"label_list": n.label_list}
-  else:
-    corpus = n.corpus or ",".join(os.path.join(ctx.wd.words, f) for f in ("nouns.txt", "adjectives.txt"))
-    nouns, adjs = nl.read_word_lists(*corpus.split(",", 1)) if "," in corpus else nl.read_wordnet(corpus)
-    encode = lambda prompts: evaluation.encode_prompts(ctx.clip, ctx.clip.params, prompts,
-                                                       int(ctx.config.eval.text_batch_size), ctx.mesh)
-    labels = nl.mine_negative_labels(encode, ctx.classnames, nouns, adjs, percentile=n.percentile,
-                                     keep_fraction=n.keep_fraction)
-    provenance = {"corpus": corpus, "nouns": len(nouns), "adjectives": len(adjs)}
-  provenance.update(model=model_paths(ctx.config, ctx.wd)[0], percentile=n.percentile,
-                    keep_fraction=n.keep_fraction)
-  nl.write_label_list(out, labels, provenance)
-  return {"labels": len(labels), "path": out}
+  """NegLabel's negative labels (a given list, or mined from a corpus with the ID class names), and
+  their text features: the only time a run encodes the negative prompts."""
+  settings = ctx.config.negatives.to_dict()
+  if not settings["label_list"] and not settings["corpus"]:  # the demo's generated word lists
+    settings["corpus"] = ",".join(os.path.join(ctx.wd.words, f) for f in ("nouns.txt", "adjectives.txt"))
+  neg = evaluation.encode_negatives(ctx.clip, ctx.classnames, batch_size=int(ctx.config.eval.text_batch_size),
+                                    mesh=ctx.mesh, **settings)
+  neg.save(ctx.wd.negative_labels, ctx.wd.negative_features)
+  return {"labels": len(neg.labels), "path": ctx.wd.negative_labels, "features": ctx.wd.negative_features}
 
 
-def _negative_text(ctx: Context) -> tuple[np.ndarray, list[str]]:
-  labels = nl.load_label_list(ctx.wd.negative_labels)
-  feats = evaluation.encode_prompts(ctx.clip, ctx.clip.params, labels.prompts,
-                                    int(ctx.config.eval.text_batch_size), ctx.mesh)
-  return feats, list(labels.labels)
-
-
-def _encode_files(ctx: Context, name: str, records: list[data.Record]) -> np.ndarray:
-  """Raw CLIP image embeddings of files (unreadable ones are an error here: we wrote them)."""
-  ds = data.Dataset(name, records)
-  f = evaluation.extract_features(ctx.clip, parallel.shard_params(ctx.clip.params, ctx.mesh), ds,
-                                  ctx.preprocess(), batch_size=int(ctx.config.eval.batch_size), mesh=ctx.mesh)
-  if f.failures:
-    raise data.DataError(f"{name}: unreadable images {[x['path'] for x in f.failures][:5]}")
-  return f.features
+def _encode_files(ctx: Context, name: str, records: list[data.Record]) -> tuple[np.ndarray, np.ndarray, list]:
+  """(raw CLIP image embeddings, indices of the records read, failures): an unreadable file is skipped
+  (the loader's warning names it) and counted in the stage's info."""
+  f = evaluation.encode_set(ctx.clip, data.Dataset(name, records), params=ctx.clip_params,
+                            batch_size=int(ctx.config.eval.batch_size), mesh=ctx.mesh)
+  return f.features, np.asarray(f.indices), [x["path"] for x in f.failures]
 
 
 def stage_features(ctx: Context) -> dict:
@@ -236,20 +236,26 @@ def stage_features(ctx: Context) -> dict:
   root = data_roots(ctx.config, ctx.wd)["train"]
   src = _records(ctx.wd.sources)
   syn_dir = ctx.wd.synthesis
-  manifest = list(synthesis.read_manifest(ctx.wd.synthesis_manifest).values())
-  if ctx.config.pseudo.drop_flagged:
-    manifest = [m for m in manifest if not m["stayed_in_distribution"]]
-  id_feats = _encode_files(ctx, "id_sources", [data.Record(os.path.join(root, r["path"]), r["class_index"]) for r in src])
-  syn_feats = _encode_files(ctx, "synthetic", [data.Record(os.path.join(syn_dir, m["output"])) for m in manifest])
-  neg_text, neg_names = _negative_text(ctx)
-  mined = nl.pseudo_labels(zero_shot.l2_normalize(syn_feats), neg_text)
+  try:
+    manifest = health.training_records(list(synthesis.read_manifest(ctx.wd.synthesis_manifest).values()),
+                                       drop_flagged=bool(ctx.config.pseudo.drop_flagged))
+  except ValueError as e:
+    raise data.DataError(f"features: {e}") from None
+  id_feats, id_rows, id_bad = _encode_files(
+      ctx, "id_sources", [data.Record(os.path.join(root, r["path"]), r["class_index"]) for r in src])
+  src = [src[i] for i in id_rows]
+  syn_feats, syn_rows, syn_bad = _encode_files(
+      ctx, "synthetic", [data.Record(os.path.join(syn_dir, m["output"])) for m in manifest])
+  manifest = [manifest[i] for i in syn_rows]
+  mined = nl.pseudo_labels(zero_shot.l2_normalize(syn_feats), ctx.negatives.features)
   distinct = np.unique(mined)
   used = nl.write_pseudo_labels(ctx.wd.pseudo_labels, [m["output"] for m in manifest],
-                                mined, neg_names)
+                                mined, ctx.negatives.labels.labels)
   np.savez(ctx.wd.features, id_features=id_feats,
            id_labels=np.asarray([r["class_index"] for r in src], np.int32), syn_features=syn_feats,
            syn_negative=mined.astype(np.int32), distinct=distinct.astype(np.int32))
-  return {"id_images": len(src), "synthetic_images": len(manifest), "distinct_negative_labels": used}
+  return {"id_images": len(src), "synthetic_images": len(manifest), "distinct_negative_labels": used,
+          "unreadable": {"id_sources": id_bad, "synthetic": syn_bad}}
 
 
 def _features(ctx: Context) -> dict:
@@ -260,7 +266,7 @@ def _features(ctx: Context) -> dict:
 def stage_stage2(ctx: Context) -> dict:
   """Residual projection on the frozen image encoder: CE over [ID prompts; mined negatives]."""
   f = _features(ctx)
-  neg_text, _ = _negative_text(ctx)
+  neg_text = ctx.negatives.features
   position = {int(j): i for i, j in enumerate(f["distinct"])}  # mined label -> row among the distinct
   syn_rows = np.asarray([position[int(j)] for j in f["syn_negative"]], np.int32)
   text = np.concatenate([ctx.id_text, neg_text[f["distinct"]]])
@@ -275,7 +281,7 @@ def stage_stage2(ctx: Context) -> dict:
 def stage_stage3(ctx: Context) -> dict:
   """The mined negatives' text features, trained against the synthetic images' mined labels."""
   f = _features(ctx)
-  neg_text, _ = _negative_text(ctx)
+  neg_text = ctx.negatives.features
   position = {int(j): i for i, j in enumerate(f["distinct"])}
   syn_rows = np.asarray([position[int(j)] for j in f["syn_negative"]], np.int32)
   tuned = negatives.train_negative_features(ctx.config.stage3, f["syn_features"], syn_rows,
@@ -288,47 +294,39 @@ def tuned_model(ctx: Context) -> export.TunedModel:
   """The tuned model of this workdir: projection (stage 2), negatives with the tuned rows (stage 3)."""
   with np.load(ctx.wd.projection) as z:
     params = traverse_util.unflatten_dict({k: jnp.asarray(z[k]) for k in z.files}, sep="/")
-  neg_text, neg_names = _negative_text(ctx)
-  tuned = np.load(ctx.wd.tuned_negatives)
-  negatives = neg_text.copy()
-  negatives[_features(ctx)["distinct"]] = np.asarray(zero_shot.l2_normalize(tuned))
+  negatives = ctx.negatives.features.copy()
+  negatives[_features(ctx)["distinct"]] = np.asarray(zero_shot.l2_normalize(np.load(ctx.wd.tuned_negatives)))
   e, s2 = ctx.config.eval, ctx.config.stage2
-  return export.TunedModel(ctx.clip, params, ctx.id_text, negatives, neg_names, list(ctx.classnames),
-                           groups=int(e.groups), temperature=float(e.temperature),
-                           layernorm_eps=float(s2.layernorm_eps), normalize_inputs=bool(s2.normalize_inputs))
+  return export.TunedModel(ctx.clip, params, ctx.id_text, negatives, list(ctx.negatives.labels.labels),
+                           list(ctx.classnames), groups=int(e.groups), temperature=float(e.temperature),
+                           seed=int(e.seed), layernorm_eps=float(s2.layernorm_eps),
+                           normalize_inputs=bool(s2.normalize_inputs), templates=tuple(ctx.templates))
 
 
 def stage_export(ctx: Context) -> dict:
   """The tuned model as a folder others can load (`export.load_tuned`)."""
-  m = tuned_model(ctx)
-  labels = nl.load_label_list(ctx.wd.negative_labels)
-  folder = export.export_tuned(
-      ctx.wd.export, m.bundle, m.projection, m.id_text, m.negatives, m.negative_labels,
-      labels.prompts, m.classnames,
-      {"groups": m.groups, "temperature": m.temperature, "layernorm_eps": m.layernorm_eps,
-       "normalize_inputs": m.normalize_inputs, "templates": ctx.config.eval.templates,
-       "clip_source": model_paths(ctx.config, ctx.wd)[0]})
+  folder = export.export_tuned(ctx.wd.export, tuned_model(ctx), ctx.negatives.labels.prompts,
+                               {"clip_source": model_paths(ctx.config, ctx.wd)[0]})
   return {"folder": folder}
 
 
 def stage_evaluate(ctx: Context) -> dict:
   """Zero-shot MCM / NegLabel and the tuned model (SynOOD) side by side."""
-  e = ctx.config.eval.copy_and_resolve_references()
-  with e.unlocked():
-    e.clip_path = model_paths(ctx.config, ctx.wd)[0]
-    e.negatives.label_list = ctx.wd.negative_labels
-    if ctx.config.data.classnames == "folders":  # the evaluation reads names from a file
-      e.classnames = ctx.wd.classnames
-      with open(e.classnames, "w") as f:
-        f.write("\n".join(ctx.classnames) + "\n")
-    if ctx.config.data.get("generate"):
-      roots = data_roots(ctx.config, ctx.wd)
-      e.id_set = f"id_val={roots['val']}"
-      e.ood_sets = (f"ood_classes={roots['ood']},"
-                    f"synthetic_heldout={ctx.wd.synthesis_heldout}")
+  e = ctx.config.eval
+  specs = {}
+  if ctx.config.data.get("generate"):  # the demo's held-out sets
+    roots = data_roots(ctx.config, ctx.wd)
+    specs = dict(id_set=f"id_val={roots['val']}",
+                 ood_sets=f"ood_classes={roots['ood']},synthetic_heldout={ctx.wd.synthesis_heldout}")
+  sets, id_name = evaluation.sets_from_config(e, **specs)
   tuned = tuned_model(ctx)
-  evaluation.evaluate(e, ctx.wd.eval, bundle=ctx.clip, image_transform=tuned.transform,
-                      negative_features=tuned.negatives)
+  names = ctx.config.data.classnames
+  evaluation.evaluate(ctx.wd.eval, sets, id_name, clip=ctx.clip, params=ctx.clip_params,
+                      classnames=ctx.classnames if names == "folders" or os.path.isfile(names) else names,
+                      negatives=ctx.negatives,
+                      mesh=ctx.mesh, options=evaluation.Options.from_config(e),
+                      id_text={"neglabel": ctx.id_text}, methods={"synood": tuned.score_features},
+                      method_templates={"synood": tuned.templates})
   return {"results": ctx.wd.results}
 
 
@@ -345,28 +343,128 @@ STAGE_FNS: dict[str, Callable[[Context], dict]] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# What each stage reads and consumes: its fingerprint (provenance.py) and which stages a change re-runs.
+
+READS: dict[str, tuple[str, ...]] = {  # config groups / fields; in stage order
+    "models": ("seed", "models.clip_path", "models.sd_path", "models.tiny_clip"),
+    "data": ("seed", "data.generate", "data.train_root", "data.val_root"),
+    "sources": ("data.train_root", "data.classnames", "sources"),
+    "synthesis": ("synthesis", "context", "models.dtype", "data.classnames", "eval.templates.neglabel"),
+    "negatives": ("negatives", "models.dtype", "data.classnames"),
+    "features": ("pseudo", "models.dtype"),
+    "stage2": ("stage2", "models.dtype", "data.classnames", "eval.templates.neglabel"),
+    "stage3": ("stage3", "models.dtype"),
+    "export": ("eval.groups", "eval.temperature", "eval.templates.neglabel", "stage2.layernorm_eps",
+               "stage2.normalize_inputs"),
+    "evaluate": ("eval", "data.classnames", "data.val_root", "models.dtype"),
+    "report": (),
+}
+CONSUMES: dict[str, tuple[str, ...]] = {
+    "sources": ("data",),
+    "synthesis": ("models", "data", "sources"),
+    "negatives": ("models", "data"),
+    "features": ("models", "sources", "synthesis", "negatives"),
+    "stage2": ("models", "features", "negatives"),
+    "stage3": ("models", "features", "negatives"),
+    "export": ("models", "negatives", "features", "stage2", "stage3"),
+    "evaluate": ("models", "data", "synthesis", "negatives", "features", "stage2", "stage3"),
+    "report": ("models", "sources", "synthesis", "stage2", "stage3", "evaluate"),
+}
+# Bumped when a stage's code changes its results (so older outputs are not reused).
+VERSIONS = {"synthesis": synthesis.PROCEDURE_VERSION}  # its history: synthesize.PROCEDURE_VERSION
+# Fields that change speed or logging only, never a result.
+NOT_RESULTS = ("synthesis.batch_size", "synthesis.decode_chunk", "synthesis.log_every_secs", "synthesis.max_not_ok",
+               "stage2.checkpoint_every", "stage2.max_to_keep", "stage2.progress_every_secs",
+               "stage2.tensorboard", "stage3.checkpoint_every", "stage3.max_to_keep",
+               "stage3.progress_every_secs", "stage3.tensorboard", "eval.batch_size", "eval.text_batch_size",
+               "eval.score_batch_size", "eval.num_threads", "eval.cache_dir", "eval.plots")
+
+
+def _outputs(wd: Workdir, stage: str) -> tuple[str, ...]:
+  """Folders a stage resumes from: cleared when its inputs changed, so nothing stale is reused."""
+  return {"synthesis": (wd.synthesis, wd.synthesis_heldout), "stage2": (wd.stage2,),
+          "stage3": (wd.stage3,), "export": (wd.export,)}.get(stage, ())
+
+
+@dataclasses.dataclass
+class Step:
+  stage: str
+  action: str             # 'skip' (done, same inputs), 'run' (new), 'resume' (started, same inputs), 'rerun'
+  changes: list[str]      # why a 'rerun'
+
+
+def plan(config, wd: Workdir, stages: list[str]) -> tuple[dict, list[Step]]:
+  """(fingerprints, what to do with each requested stage). Raises when a stage would read a stale or
+  missing input that this run does not make, and (config.on_change='error') when a finished stage's
+  inputs changed."""
+  fps = provenance.fingerprints(config, READS, CONSUMES, VERSIONS, NOT_RESULTS)
+  steps, will_be_valid = [], set()
+  done = {name: provenance.read_json(wd.done(name)) for name in STAGES}
+  for name in STAGES:
+    if done[name] is not None and not provenance.changes(done[name].get("provenance"), fps[name]):
+      will_be_valid.add(name)
+  for name in stages:
+    if name in will_be_valid:
+      steps.append(Step(name, "skip", []))
+      continue
+    if done[name] is not None:
+      steps.append(Step(name, "rerun", provenance.changes(done[name].get("provenance"), fps[name])))
+    else:
+      started = provenance.read_json(wd.started(name))
+      partial = any(os.path.exists(p) for p in _outputs(wd, name))
+      diff = provenance.changes(started, fps[name]) if (started or partial) else []
+      steps.append(Step(name, "rerun", diff) if diff else Step(name, "resume" if started else "run", []))
+    missing = [u for u in CONSUMES.get(name, ()) if u not in will_be_valid]
+    if missing:
+      raise ValueError(f"stage {name} needs stage(s) {missing}, which are not done with this config and "
+                       f"are not part of this run: add them to --stages (or run every stage)")
+    will_be_valid.add(name)
+  changed = [s for s in steps if s.action == "rerun"]
+  if changed and config.get("on_change", "rerun") == "error":
+    lines = [f"  {s.stage}: " + "; ".join(s.changes) for s in changed]
+    raise ValueError(f"{wd.root}: the config changed for stage(s) made before (config.on_change=error):\n"
+                     + "\n".join(lines) + "\nUse another --workdir, or --config.on_change=rerun to redo them.")
+  return fps, steps
+
+
 def run(config, workdir: str, stages=None) -> dict:
-  """Run `stages` (default: all) in order, skipping the finished ones. Returns each stage's info."""
+  """Run `stages` (default: all) in order, skipping the finished ones whose inputs did not change.
+  Returns each stage's info."""
   stages = list(STAGES if not stages else stages)
   unknown = [s for s in stages if s not in STAGE_FNS]
   if unknown:
     raise ValueError(f"unknown stage(s) {unknown}; the stages are {STAGES}")
+  if config.get("on_change", "rerun") not in provenance.ON_CHANGE:
+    raise ValueError(f"config.on_change: {config.on_change!r} is not one of {provenance.ON_CHANGE}")
+  stages = [s for s in STAGES if s in stages]  # stage order, whatever order they were given in
   wd = Workdir(workdir)
   os.makedirs(wd.root, exist_ok=True)
+  fps, steps = plan(config, wd, stages)
+  inputs.validate(config, [s.stage for s in steps if s.action != "skip"])  # before hours of work, not after
+  provenance.write_json(wd.config, json.loads(config.to_json_best_effort(sort_keys=True)))
   ctx = Context(config, wd)
   infos = {}
-  for name in stages:
-    done = wd.done(name)
-    if os.path.exists(done):
-      logging.info("stage %s: already done (%s)", name, done)
-      with open(done) as f:
-        infos[name] = json.load(f)
+  for step in steps:
+    name = step.stage
+    if step.action == "skip":
+      logging.info("stage %s: already done with this config (%s)", name, wd.done(name))
+      infos[name] = provenance.read_json(wd.done(name))
       continue
+    if step.action == "rerun":
+      logging.warning("stage %s: inputs changed since it ran, re-running it (%s)", name, "; ".join(step.changes))
+      for path in [wd.done(name), *_outputs(wd, name)]:
+        if os.path.isdir(path):
+          shutil.rmtree(path)
+        elif os.path.exists(path):
+          os.remove(path)
+    provenance.write_json(wd.started(name), fps[name].as_dict())
     start = time.perf_counter()
-    logging.info("stage %s: starting", name)
+    logging.info("stage %s: %s", name, "resuming" if step.action == "resume" else "starting")
     info = STAGE_FNS[name](ctx) or {}
     info["seconds"] = round(time.perf_counter() - start, 2)
-    _mark_done(wd, name, info)
+    info["provenance"] = fps[name].as_dict()
+    provenance.write_json(wd.done(name), info)
     logging.info("stage %s: done in %.1f s", name, info["seconds"])
     infos[name] = info
   return infos

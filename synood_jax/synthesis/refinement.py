@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synood_jax.synthesis import health
+
 LOSSES = ("squared", "hinge", "msp_kl")
 GRAD_MODES = ("skip", "exact")
 
@@ -80,9 +82,7 @@ class Hyper:
   def make(cls, step_size: float = 10.0, target: float = -5.0, reference_batch: float = 1) -> "Hyper":
     if not reference_batch >= 1:
       raise ValueError(f"refinement.reference_batch must be >= 1, got {reference_batch}")
-    for name, v in (("step_size", step_size), ("target", target)):
-      if not np.isfinite(v):
-        raise ValueError(f"refinement.{name} must be finite, got {v}")
+    # A non-finite r or m is not refused here: the images it spoils are marked `nonfinite` (health.py).
     return cls(*(np.float32(v) for v in (step_size, target, reference_batch)))
 
 
@@ -107,17 +107,20 @@ def refine(cfg: RefineConfig, hyper: Hyper,
            decode_fn: Callable,   # (params, u) -> images in [0, 1], NHWC
            logits_fn: Callable,   # (params, images) -> logits [B, C]
            params, eps: jax.Array):
-  """K refinement iterations. Returns (images of the last iteration, scores [K, B], losses [K, B], eps).
+  """K refinement iterations. Returns (images of the last iteration, scores [K, B], losses [K, B], eps,
+  steps_finite [B]).
 
   The update after the last iteration is never used (the official code computes it anyway), so it
-  is skipped. The K - 1 updates are unrolled: inside the while loop a rolled lax.scan becomes, XLA:CPU
-  runs the gradient's transposed convolutions (kernel layout 01oi) on its generic convolution thunk
-  instead of the YNNPACK fusions it uses for them outside loops, which made the whole program about
-  1.5x slower (profiled; README, "Synthesis speed").
+  is skipped. An image whose update is non-finite keeps its last finite eps; steps_finite marks it.
+  The K - 1 updates are unrolled: inside the while loop a rolled lax.scan becomes, XLA:CPU runs the
+  gradient's transposed convolutions (kernel layout 01oi) on its generic convolution thunk instead of
+  the YNNPACK fusions it uses for them outside loops, which made the whole program about 1.5x slower
+  (profiled; README, "Synthesis speed").
   """
   scale = hyper.step_size / hyper.reference_batch
 
-  def iteration(eps, _):
+  def iteration(carry, _):
+    eps, finite = carry
     if cfg.grad_mode == "skip":
       z0 = jax.lax.stop_gradient(sample_fn(params, noise_fn(eps)))
       grad, loss, s = skip_gradient(cfg, hyper, decode_fn, logits_fn, params, input_fn(z0))
@@ -125,11 +128,13 @@ def refine(cfg: RefineConfig, hyper: Hyper,
       z0, pullback = jax.vjp(lambda e: sample_fn(params, noise_fn(e)), eps)
       grad_u, loss, s = skip_gradient(cfg, hyper, decode_fn, logits_fn, params, input_fn(z0))
       (grad,) = pullback(grad_u.astype(z0.dtype))
-    return eps - scale * grad.astype(eps.dtype), (loss, s)
+    eps, ok = health.finite_step(eps, eps - scale * grad.astype(eps.dtype))
+    return (eps, finite & ok), (loss, s)
 
-  eps, (losses, scores) = jax.lax.scan(iteration, eps, None, length=cfg.iterations - 1, unroll=True)
+  (eps, finite), (losses, scores) = jax.lax.scan(
+      iteration, (eps, jnp.ones(eps.shape[:1], bool)), None, length=cfg.iterations - 1, unroll=True)
   images = decode_fn(params, input_fn(sample_fn(params, noise_fn(eps))))
   logits = logits_fn(params, images)
   last_loss = boundary_loss(logits, cfg.loss, hyper.target)[None]
   last_score = boundary_score(logits)[None]
-  return (images, jnp.concatenate([scores, last_score]), jnp.concatenate([losses, last_loss]), eps)
+  return (images, jnp.concatenate([scores, last_score]), jnp.concatenate([losses, last_loss]), eps, finite)

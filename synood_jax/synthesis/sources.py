@@ -2,9 +2,11 @@
 
 score(image) = file_bytes / (width * height); keep the top `per_class` (50 in SynOOD) per class folder.
 
-The image size is read from the header only (PIL opens lazily). Class indices follow the sorted class
-folder names (as torchvision's ImageFolder, and ImageNet's wnid order). Images PIL cannot identify are
-not dropped silently: each is logged and returned in `skipped`.
+The image size is read from the header only (PIL opens lazily); the chosen images are then decoded in
+full (a truncated JPEG has a valid header), and one that fails is replaced by the next best. Class
+indices come from the caller's folder -> index map (`data.imagenet.class_index`: by wnid, never by
+position) or, without one, the sorted folder order. Images that cannot be read are not dropped
+silently: each is logged by path and returned in `skipped`.
 """
 from __future__ import annotations
 
@@ -13,9 +15,12 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 from absl import logging
+
+from synood_jax.data import datasets as data
+from synood_jax.progress import Progress
 
 DEFAULT_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
@@ -34,7 +39,7 @@ class Skipped(NamedTuple):
 
 
 class Selection(NamedTuple):
-  records: list[SourceRecord]  # class by class (sorted folder order), best score first within a class
+  records: list[SourceRecord]  # class by class (class index order), best score first within a class
   skipped: list[Skipped]  # unreadable images, by relative path
 
 
@@ -78,24 +83,60 @@ def _score(root: str, rel: str) -> tuple[str, float | None, str | None]:
     return rel, None, f"{type(e).__name__}: {e}"
 
 
-def select_sources(root: str, per_class: int = 50, extensions: Iterable[str] = DEFAULT_EXTENSIONS,
-                   num_workers: int = 8) -> Selection:
+def _decodes(root: str, rel: str) -> str | None:
+  """None if the whole image decodes, else the error (a truncated JPEG passes the header read)."""
+  from PIL import Image
+  try:
+    with Image.open(os.path.join(root, rel)) as im:
+      im.load()
+    return None
+  except Exception as e:  # noqa: BLE001
+    return f"{type(e).__name__}: {e}"
+
+
+def _choose(pool, root: str, scored: list[tuple[str, float]], k: int, decode: bool, skipped: list):
+  """The first k of `scored` (best first) that decode; the others tried are logged and skipped."""
+  if not decode:
+    return scored[:k]
+  chosen, at = [], 0
+  while len(chosen) < k and at < len(scored):
+    batch = scored[at:at + k - len(chosen)]
+    at += len(batch)
+    for (rel, score), err in zip(batch, pool.map(lambda rs: _decodes(root, rs[0]), batch)):
+      if err is None:
+        chosen.append((rel, score))
+      else:
+        logging.warning("select_sources: skipping image that does not decode %s (%s)", os.path.join(root, rel), err)
+        skipped.append(Skipped(rel, err))
+  return chosen
+
+
+def select_sources(root: str, per_class: int | None = 50, extensions: Iterable[str] = DEFAULT_EXTENSIONS,
+                   num_workers: int = 8, class_index: Mapping[str, int] | None = None,
+                   decode: bool = True) -> Selection:
   """Top-`per_class` images per class folder by file bytes / (width * height).
 
   `root/<class>/...<file>` (files in sub-folders of a class folder count for that class); extensions are
   matched case-insensitively. Ties are broken by relative path (ascending), so the result is
-  deterministic. Returns `Selection(records, skipped)`.
+  deterministic; `per_class=None` takes every readable image. `class_index` maps folder -> class index (default: the sorted folder order; see
+  `data.imagenet.class_index`). With `decode`, each chosen image is decoded in full, and one that fails
+  is replaced by the next best. Returns `Selection(records, skipped)`.
   """
-  if per_class <= 0:
-    raise ValueError(f"per_class must be positive, got {per_class}")
+  if per_class is not None and per_class <= 0:
+    raise ValueError(f"per_class must be positive (or None: every image), got {per_class}")
   extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
   classes = class_folders(root)
   if not classes:
-    raise ValueError(f"{root}: no class folders")
+    raise ValueError(data.flat_folder_message(root, "no class folders"))
+  index = dict(class_index) if class_index is not None else {name: i for i, name in enumerate(classes)}
+  unknown = [c for c in classes if c not in index]
+  if unknown:
+    raise ValueError(f"{root}: class folder(s) {unknown[:10]} have no class index")
   records: list[SourceRecord] = []
   skipped: list[Skipped] = []
+  progress = Progress(total=len(classes), name="sources: scan", unit="class", every_secs=30)
   with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-    for index, name in enumerate(classes):
+    for name in sorted(classes, key=lambda c: (index[c], c)):
       files = _class_files(root, name, extensions)
       scored = []
       for rel, score, err in pool.map(lambda r: _score(root, r), files):
@@ -105,10 +146,12 @@ def select_sources(root: str, per_class: int = 50, extensions: Iterable[str] = D
           logging.warning("select_sources: skipping unreadable image %s (%s)", os.path.join(root, rel), err)
           skipped.append(Skipped(rel, err))
       scored.sort(key=lambda rs: (-rs[1], rs[0]))
-      if len(scored) < per_class:
-        logging.warning("select_sources: class %s has %d readable images, fewer than %d", name, len(scored),
+      chosen = _choose(pool, root, scored, per_class or len(scored), decode, skipped)
+      if per_class and len(chosen) < per_class:
+        logging.warning("select_sources: class %s has %d readable images, fewer than %d", name, len(chosen),
                         per_class)
-      records.extend(SourceRecord(name, index, rel, score) for rel, score in scored[:per_class])
+      records.extend(SourceRecord(name, index[name], rel, score) for rel, score in chosen)
+      progress.update(extra=f"{len(records)} sources")
   if skipped:
     logging.warning("select_sources: %d unreadable image(s) skipped under %s", len(skipped), root)
   logging.info("select_sources: %d sources from %d classes under %s", len(records), len(classes), root)

@@ -9,6 +9,9 @@ so a run killed at any moment and rerun equals an uninterrupted one. A folder wr
 procedure (another `PROCEDURE_VERSION` or other output-determining fields) is refused, never resumed.
 Each image's noise comes from (seed, source id), never from its place in a batch, so the device count
 and batch composition do not change the result.
+Each record has a health `status` (`health.py`: ok, nonfinite, degenerate, in_distribution); the run
+stops with the counts and the likely cause once too many images cannot be ok. An unreadable source is
+skipped with a warning naming it.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from PIL import Image
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from synood_jax import parallel, runtime
-from synood_jax.synthesis import refinement
+from synood_jax.jsonl import read_jsonl
+from synood_jax.synthesis import health, refinement
 from synood_jax.diffusion import inpaint, schedulers
 from synood_jax.models import vae as vae_lib
 from synood_jax.progress import Progress
@@ -54,6 +58,20 @@ def load_source_image(path: str, size: int) -> np.ndarray:
   with Image.open(path) as im:
     im = im.convert("RGB").resize((size, size), Image.BICUBIC)
     return np.asarray(im, np.float32) / 127.5 - 1.0
+
+
+def _load_images(chunk: Sequence[tuple[dict, str]], root: str, size: int):
+  """(images, the rows of `chunk` that could be read); an unreadable source is skipped with a warning
+  naming it (the stage counts the sources missing from the manifest)."""
+  images, kept = [], []
+  for rec, prompt in chunk:
+    path = os.path.join(root, rec["path"])
+    try:
+      images.append(load_source_image(path, size))
+      kept.append((rec, prompt))
+    except Exception as e:  # noqa: BLE001  PIL raises OSError, UnidentifiedImageError, SyntaxError...
+      logging.warning("synthesis: skipping unreadable source %s (%s: %s)", path, type(e).__name__, e)
+  return images, kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,14 +143,14 @@ def batch_program(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_
                   logits_fn: Callable, mesh, param_shardings):
   """`synthesize_batch` jitted with explicit shardings: params as `param_shardings` say, the batch
   (images, source ids, prompt ids) split over every device, the rest replicated; out: images and eps
-  split on the batch, scores and losses [K, B] split on B. The source images are donated: they are
+  split on the batch, scores and losses [K, B] split on B, steps_finite [B] split. The source images are donated: they are
   rebuilt for every batch and have the output images' shape, so XLA may write the outputs there."""
   rep = parallel.replicated(mesh)
   rows = lambda ndim: parallel.batch_sharding(mesh, ndim)
   per_iteration = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
   fn = functools.partial(synthesize_batch, pipe, refine_cfg, steps, decode_chunk, logits_fn)
   return jax.jit(fn, in_shardings=(param_shardings, rows(4), rows(1), rows(2), rep, rep, rep, rep, rep, rep),
-                 out_shardings=(rows(4), per_iteration, per_iteration, rows(4)), donate_argnums=(1,))
+                 out_shardings=(rows(4), per_iteration, per_iteration, rows(4), rows(1)), donate_argnums=(1,))
 
 
 def place_params(params, mesh):
@@ -168,20 +186,9 @@ def _masked_image_latents(vae_module, scaling_factor: float, size: int, vae_para
 # Manifest and resume.
 
 def read_manifest(path: str) -> dict[str, dict]:
-  """Manifest records by source path; a torn last line (killed mid-write) is dropped."""
-  done = {}
-  if not os.path.exists(path):
-    return done
-  with open(path) as f:
-    for line in f:
-      if not line.endswith("\n"):
-        break
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        break
-      done[rec["source"]] = rec
-  return done
+  """Manifest records by source path; a torn last line (killed mid-write) is dropped, any other bad
+  line raises (the next stage would otherwise train on fewer images without a word)."""
+  return {rec["source"]: rec for rec in read_jsonl(path, required=("source", "output"))}
 
 
 def _remove_stale_temp_files(out_dir: str) -> None:
@@ -205,9 +212,10 @@ def _atomic_image(pixels: np.ndarray, path: str, image_format: str, jpeg_quality
 # ---------------------------------------------------------------------------------------------
 # The procedure an output folder was written with.
 
-# Bump when the same config gives other images. 2: the update is dL/du at the decoder's input
-# (issue 15; version 1 took dL/dz0, a 1/scaling_factor = 5.49x larger step).
-PROCEDURE_VERSION = 2
+# Bump when the same config gives other images (the pipeline's stage fingerprint uses it too).
+# 2: per-image health status. 3: the update is dL/du at the decoder's input (issue 15); before, dL/dz0,
+# a 1/scaling_factor = 5.49x larger step.
+PROCEDURE_VERSION = 3
 # config.synthesis fields that change an image (batch size, decode chunk and logging do not).
 OUTPUT_FIELDS = ("seed", "image_size", "steps", "strength", "guidance_scale", "scheduler", "iterations",
                  "step_size", "target", "loss", "grad_mode", "reference_batch", "classifier",
@@ -247,7 +255,7 @@ def check_procedure(out_dir: str, expected: dict, manifest_path: str) -> None:
   if read_manifest(manifest_path):
     raise StaleSynthesisError(
         f"{out_dir}: {os.path.basename(manifest_path)} lists images but there is no procedure.json: they "
-        f"were written by a version before {PROCEDURE_VERSION} (refinement step 5.49x the official one). "
+        "were written before procedure versions were recorded (refinement step 5.49x the official one). "
         "Delete the folder (or use another workdir) to synthesize them again.")
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
@@ -264,10 +272,22 @@ def _rewrite_manifest(path: str, records: dict[str, dict], order: Sequence[str])
   os.replace(tmp, path)
 
 
+def _global_counts(statuses) -> dict[str, int]:
+  """Status counts over every process (each process judges the same numbers, so all stop together)."""
+  c = health.counts(statuses)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    total = np.sum(multihost_utils.process_allgather(np.array([c[s] for s in health.STATUSES])), axis=0)
+    c = {s: int(v) for s, v in zip(health.STATUSES, total)}
+  return c
+
+
 def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source_root, mesh, todo, mine, done,
-                 n_batches):
+                 n_batches, progress, monitor):
   """Synthesize the `todo` sources in n_batches batches, writing each image and its manifest line
-  (into `done` as well)."""
+  (into `done` as well). The host overlaps the device: while batch b runs, one thread reads batch b + 1,
+  the main thread judges batch b - 1 (health, collectively across processes) and another thread
+  writes it."""
   local_batch = config.batch_size // jax.process_count()
   image_format = config.get("image_format", "png")
   refine_cfg = refinement.RefineConfig(iterations=config.iterations, loss=config.loss, grad_mode=config.grad_mode)
@@ -279,44 +299,54 @@ def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source
   step_fn = batch_program(pipe, refine_cfg, config.steps, config.get("decode_chunk") or None, logits_fn, mesh,
                           shardings)
   consts = (negative_ids, masked, first_index, np.float32(config.guidance_scale), hyper, np.uint32(config.seed))
-  progress = Progress(total=len(mine), initial=len(mine) - len(todo), name="synthesis", unit="img",
-                      every_secs=config.get("log_every_secs", 30))
   offset = jax.process_index() * local_batch if jax.process_count() > 1 else 0
 
   def load(b):
-    """Host side of batch b: its (record, prompt) rows and padded source images, ids, prompt ids."""
-    chunk = todo[b * local_batch:(b + 1) * local_batch]
+    """Host side of batch b: its readable (record, prompt) rows and padded source images, ids, prompt ids."""
+    images, chunk = _load_images(todo[b * local_batch:(b + 1) * local_batch], source_root, config.image_size)
     n_real = len(chunk)
-    if n_real == 0:
-      chunk = mine[:1]  # an idle process still takes part in the collective with a dummy row
-    images = np.stack([load_source_image(os.path.join(source_root, r["path"]), config.image_size)
-                       for r, _ in chunk])
+    if n_real == 0:  # an idle process (or a batch of unreadable files) takes part with a dummy row
+      chunk, images = mine[:1], [np.zeros((config.image_size, config.image_size, 3), np.float32)]
     ids = np.array([source_id(r["path"]) for r, _ in chunk], np.int32)
     prompt_ids = np.asarray(pipe.tokenize([p for _, p in chunk]))
-    arrays = tuple(parallel.pad_batch(x, local_batch)[0] for x in (images, ids, prompt_ids))
+    arrays = tuple(parallel.pad_batch(x, local_batch)[0] for x in (np.stack(images), ids, prompt_ids))
     return chunk[:n_real], arrays
 
-  def write(rows, ids, out, scores, losses, manifest):
+  def write(rows, ids, out, scores, losses, statuses, manifest):
     """Each image file, then its manifest line (the order resuming relies on)."""
     for j, (rec, prompt) in enumerate(rows):
-      pixels = np.round(out[offset + j] * 255).astype(np.uint8)
+      pixels = np.round(np.nan_to_num(out[offset + j]) * 255).astype(np.uint8)
       s = [float(v) for v in scores[:, offset + j]]
       entry = {"source": rec["path"], "class_name": rec["class_name"], "class_index": rec["class_index"],
                "output": output_relpath(rec, image_format), "prompt": prompt, "seed": int(config.seed),
                "source_id": int(ids[j]), "scores": s, "losses": [float(v) for v in losses[:, offset + j]],
                "in_band": abs(s[-1] - config.target) <= config.band,
-               "stayed_in_distribution": s[-1] < config.target - config.band}
+               "stayed_in_distribution": s[-1] < config.target - config.band, "status": statuses[j]}
       _atomic_image(pixels, os.path.join(out_dir, entry["output"]), image_format, config.get("jpeg_quality", 75))
       manifest.write(json.dumps(entry, sort_keys=True) + "\n")
       manifest.flush()
       done[rec["path"]] = entry
-      progress.update()
+    progress.update(len(rows), extra=", ".join(f"{k} {v}" for k, v in health.counts(statuses).items() if v))
 
-  # While the device runs batch b, one thread loads batch b + 1 and another writes batch b - 1.
   with open(manifest_path, "a") as manifest, \
        futures.ThreadPoolExecutor(1, "synthesis-load") as loader, \
        futures.ThreadPoolExecutor(1, "synthesis-write") as writer:
-    next_batch, written = loader.submit(load, 0), None
+    written = None
+
+    def finish(rows, ids, outputs):
+      nonlocal written
+      out, scores, losses, _, steps_finite = parallel.to_host(outputs)
+      mine_rows = slice(offset, offset + len(rows))
+      statuses = health.classify_batch(out[mine_rows], scores[:, mine_rows], steps_finite[mine_rows],
+                                       target=config.target, band=config.band,
+                                       min_pixel_std=config.get("min_pixel_std", 0.01))
+      if written is not None:
+        written.result()  # surfaces a failed write; keeps at most one batch being written
+      written = writer.submit(write, rows, ids, out, scores, losses, statuses, manifest)
+      monitor.add(statuses)
+      monitor.check(c=_global_counts(monitor.statuses))
+
+    next_batch, pending = loader.submit(load, 0), None
     for b in range(n_batches):
       rows, (images, ids, prompt_ids) = next_batch.result()
       if b + 1 < n_batches:
@@ -324,13 +354,15 @@ def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source
       args = (params, *parallel.global_batch((images, ids, prompt_ids), mesh), *consts)
       if b == 0:  # compile once, timed apart from the run; every batch has these shapes
         step_fn = runtime.compile_ahead(step_fn, *args, what="synthesis: compile")
-      out, scores, losses, _ = step_fn(*args)
-      out, scores, losses = parallel.to_host((out, scores, losses))
-      if written is not None:
-        written.result()  # surfaces a failed write; keeps at most one batch in flight
-      written = writer.submit(write, rows, ids, out, scores, losses, manifest)
-    if written is not None:
-      written.result()
+        progress.restart()  # items/s and the ETA count from here, not from before the compile
+      outputs = step_fn(*args)  # dispatched: the device runs it while the host finishes the batch before
+      if pending is not None:
+        finish(*pending)
+      pending = (rows, ids, outputs)
+    finish(*pending)
+    written.result()
+
+
 
 
 def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, source_root: str,
@@ -367,9 +399,13 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
   if jax.process_count() > 1:  # every process must run the same number of collective steps
     from jax.experimental import multihost_utils
     n_batches = int(np.max(multihost_utils.process_allgather(np.array(n_batches))))
+  progress = Progress(total=len(mine), initial=len(mine) - len(todo), name="synthesis", unit="img",
+                      every_secs=config.get("log_every_secs", 30))
+  monitor = health.Monitor(config, len(sources), manifest_path, [health.status_of(r) for r in done.values()])
+  monitor.check(c=_global_counts(monitor.statuses))  # a resumed run that already failed stops at once
   if n_batches:
     _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source_root, mesh, todo, mine, done,
-                 n_batches)
+                 n_batches, progress, monitor)
   _rewrite_manifest(manifest_path, done, [r["path"] for r, _ in mine])
   if jax.process_count() > 1:  # one manifest.jsonl in source order, as a single-host run writes
     from jax.experimental import multihost_utils
@@ -380,4 +416,5 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
         merged.update(read_manifest(os.path.join(out_dir, f"manifest.{i}.jsonl")))
       _rewrite_manifest(os.path.join(out_dir, "manifest.jsonl"), merged, [r["path"] for r in sources])
     multihost_utils.sync_global_devices("synthesis manifest merged")
+  monitor.check(final=True, c=_global_counts(monitor.statuses))  # also when a rerun had nothing to do
   return [done[r["path"]] for r, _ in mine if r["path"] in done]

@@ -14,7 +14,7 @@
   batch, epochs, seed and optimiser settings; resuming with different ones raises. Metrics per step go
   to `{folder}/metrics.jsonl` as {step (updates done, 1-based), epoch (0-based), lr, loss, accuracy,
   grad_norm} (rows past the restored step are dropped on resume, so the file has each step once) and to
-  TensorBoard when tensorboardX is installed and `config.tensorboard` is set. Progress (steps/s, ETA)
+  TensorBoard when `config.tensorboard` is set (it needs tensorboardX, the `tensorboard` extra). Progress (steps/s, ETA)
   is logged through absl every `progress_every_secs`.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ from absl import logging
 from flax.training import train_state
 
 from synood_jax import parallel
+from synood_jax.jsonl import read_jsonl
 from synood_jax.progress import Progress
 
 REPLICATE_ALL = ((".*", "replicate"),)
@@ -131,26 +132,19 @@ class _MetricWriter:
     if not self.enabled:
       return
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        rows = [line for line in f if line.strip()]
-      kept = []
-      for line in rows:
-        try:
-          if json.loads(line)["step"] <= start_step:
-            kept.append(line)
-        except (json.JSONDecodeError, KeyError):
-          pass  # a line cut by a kill
+      kept = [row for row in read_jsonl(self.path, required=("step",)) if row["step"] <= start_step]
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(row) + "\n" for row in kept)
       os.replace(tmp, self.path)
     self._f = open(self.path, "a", buffering=1)  # line-buffered: a killed job loses no written row
     if tensorboard:
       try:
-        from tensorboardX import SummaryWriter  # optional
-        self._tb = SummaryWriter(os.path.join(folder, "tensorboard"))
+        from tensorboardX import SummaryWriter  # optional: pip install "synood-jax[tensorboard]"
       except ImportError:
-        self._tb = None
+        raise ImportError("config.tensorboard=True needs tensorboardX: pip install 'synood-jax[tensorboard]' "
+                          "or set --config.stage2.tensorboard=False / stage3") from None
+      self._tb = SummaryWriter(os.path.join(folder, "tensorboard"))
 
   def write(self, row: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -268,6 +262,9 @@ def train(config, *, name: str, params, tx, loss_fn: Callable, features: np.ndar
       batch = parallel.global_batch(
           {"x": features[idx], "y": labels[idx].astype(np.int32), "mask": mask}, mesh)
       state, metrics = train_step(state, consts, batch)
+      if step == start:  # the first step compiled: steps/s and the ETA count from its end
+        jax.block_until_ready(metrics)
+        progress.restart()
       if pending is not None:  # write the previous step's metrics while this one runs
         flush(pending)
         pending = None

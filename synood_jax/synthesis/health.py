@@ -1,0 +1,167 @@
+"""Health of synthetic images: which ones may become training data, and when a run should stop.
+
+Each synthesized image gets one status (the first that applies, in this order):
+  nonfinite        a NaN/inf in its scores, its pixels, or a refinement update of its noise eps
+  degenerate       near-constant pixels (std over all pixels and channels < min_pixel_std, in [0, 1]
+                   units), or a near-copy of another output of the same batch (max |diff| <= 1 grey level)
+  in_distribution  the last boundary score stayed below the band: s_K < m - band
+  ok               everything else: the only status that goes to pseudo-labelling
+
+A run stops when the not-ok images exceed `max_not_ok` of all the sources: as soon as the count seen so
+far already passes that share of the total (the final share can only be higher), or earlier when at
+least EARLY_MIN_IMAGES are done and at least EARLY_SHARE of them are not ok (a broken setting, such as
+step_size=inf, fails every image; a healthy run at 5% has a chance below 1e-9 of 16 bad in 32).
+`max_not_ok=1` never stops.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Mapping, Sequence
+
+import numpy as np
+
+STATUSES = ("ok", "nonfinite", "degenerate", "in_distribution")
+NOT_OK = STATUSES[1:]
+MIN_PIXEL_STD = 0.01         # in [0, 1] pixel units: 2.55 grey levels
+DUPLICATE_MAX_DIFF = 1       # grey levels (uint8): equal up to rounding
+EARLY_MIN_IMAGES = 32
+EARLY_SHARE = 0.5
+
+
+class SynthesisHealthError(RuntimeError):
+  """Too many synthetic images are not fit for training; the message gives the counts and the cause."""
+
+
+def finite_step(eps, new_eps):
+  """(eps', ok[B]): the updated noise per image where every value is finite, else the last finite one.
+
+  jnp in, jnp out; traced inside the refinement loop, so that one image's diverging step neither spoils
+  the others nor propagates NaN into later iterations.
+  """
+  import jax.numpy as jnp
+  ok = jnp.all(jnp.isfinite(new_eps), axis=tuple(range(1, new_eps.ndim)))
+  keep = ok.reshape((-1,) + (1,) * (new_eps.ndim - 1))
+  return jnp.where(keep, new_eps, eps), ok
+
+
+def near_duplicates(pixels: np.ndarray, max_diff: int = DUPLICATE_MAX_DIFF) -> np.ndarray:
+  """bool [B]: image i equals some other image j of the batch within `max_diff` grey levels (uint8 NHWC)."""
+  flat = pixels.reshape(pixels.shape[0], -1).astype(np.int16)
+  dup = np.zeros(flat.shape[0], bool)
+  for i in range(flat.shape[0]):
+    for j in range(i + 1, flat.shape[0]):
+      if np.abs(flat[i] - flat[j]).max() <= max_diff:
+        dup[i] = dup[j] = True
+  return dup
+
+
+def classify_batch(images: np.ndarray, scores: np.ndarray, steps_finite: np.ndarray, *, target: float,
+                   band: float, min_pixel_std: float = MIN_PIXEL_STD) -> list[str]:
+  """Status of each image of a batch.
+
+  images: float [B, H, W, C] in [0, 1] as decoded (before rounding to uint8); scores: [K, B] boundary
+  scores per refinement iteration; steps_finite: bool [B], False where a refinement update was non-finite.
+  """
+  images = np.asarray(images, np.float32)
+  scores = np.asarray(scores, np.float64)
+  b = images.shape[0]
+  if b == 0:
+    return []
+  finite = (np.isfinite(images.reshape(b, -1)).all(axis=1) & np.isfinite(scores).all(axis=0)
+            & np.asarray(steps_finite, bool))
+  safe = np.where(np.isfinite(images), images, 0.0)
+  flat = safe.reshape(b, -1).std(axis=1) < min_pixel_std
+  dup = near_duplicates(np.round(np.clip(safe, 0, 1) * 255).astype(np.uint8))
+  out = []
+  for i in range(b):
+    if not finite[i]:
+      out.append("nonfinite")
+    elif flat[i] or dup[i]:
+      out.append("degenerate")
+    elif scores[-1, i] < target - band:
+      out.append("in_distribution")
+    else:
+      out.append("ok")
+  return out
+
+
+def status_of(record: Mapping) -> str:
+  """A manifest record's status (records written before statuses existed: from their ID flag)."""
+  if "status" in record:
+    return record["status"]
+  return "in_distribution" if record.get("stayed_in_distribution") else "ok"
+
+
+def counts(statuses: Sequence[str]) -> dict[str, int]:
+  """{status: count} over every status, zeros included, in STATUSES order."""
+  c = collections.Counter(statuses)
+  return {s: int(c.get(s, 0)) for s in STATUSES}
+
+
+def likely_cause(c: Mapping[str, int], config=None) -> str:
+  """What most likely went wrong, from which not-ok status dominates (with the config's values if given)."""
+  worst = max(NOT_OK, key=lambda s: c.get(s, 0))
+  get = (lambda k: f"={config.get(k)}") if config is not None else (lambda k: "")
+  if worst == "nonfinite":
+    return (f"the refinement diverged (NaN/inf): synthesis.step_size{get('step_size')} is probably too large; "
+            "lower precision (models.dtype) can also overflow")
+  if worst == "degenerate":
+    return (f"the images collapsed to flat or identical pixels: synthesis.step_size{get('step_size')} is "
+            "probably far too large (the noise leaves the sampler's range)")
+  return (f"the refinement did not reach the boundary (s stayed below m - band): raise synthesis.step_size"
+          f"{get('step_size')} or synthesis.iterations{get('iterations')}, or check synthesis.target"
+          f"{get('target')} against the classifier's range of s (at most -log C)")
+
+
+class Monitor:
+  """Counts statuses as batches finish and raises SynthesisHealthError once the run cannot pass."""
+
+  def __init__(self, config, total: int, where: str, initial: Sequence[str] = ()):
+    self.config = config
+    self.total = int(total)
+    self.where = where
+    self.max_share = float(config.get("max_not_ok", 0.05))
+    self.statuses = list(initial)
+
+  def add(self, statuses: Sequence[str]) -> None:
+    self.statuses.extend(statuses)
+
+  def verdict(self, final: bool = False, c: Mapping[str, int] | None = None) -> str | None:
+    """The error message if the run must stop now (None: go on). `c`: counts to judge (default: own)."""
+    c = dict(c or counts(self.statuses))
+    done = sum(c.values())
+    bad = sum(c[s] for s in NOT_OK)
+    limit = self.max_share * self.total
+    early = (self.max_share < EARLY_SHARE and done >= min(EARLY_MIN_IMAGES, self.total)
+             and bad >= EARLY_SHARE * done)
+    if not (bad > limit or early):
+      return None
+    share = bad / max(done, 1)
+    detail = ", ".join(f"{s} {c[s]}" for s in NOT_OK)
+    when = "" if final or done >= self.total else f" after {done} of {self.total} images"
+    return (f"synthesis stopped{when}: {bad} of {done} images ({share:.0%}) are not ok ({detail}; ok {c['ok']}); "
+            f"the limit is synthesis.max_not_ok={self.max_share:g} of {self.total}. Likely cause: "
+            f"{likely_cause(c, self.config)}. Statuses per image: {self.where}")
+
+  def check(self, final: bool = False, c: Mapping[str, int] | None = None) -> None:
+    msg = self.verdict(final, c)
+    if msg:
+      raise SynthesisHealthError(msg)
+
+
+def training_records(manifest: Sequence[Mapping], drop_flagged: bool = True) -> list[Mapping]:
+  """The synthetic images that go to pseudo-labelling: 'ok' ones, plus 'in_distribution' ones when
+  `drop_flagged` is off (the official code keeps them); nonfinite and degenerate images never.
+  Raises ValueError naming what removed every image, when nothing is left."""
+  keep = {"ok"} if drop_flagged else {"ok", "in_distribution"}
+  kept = [m for m in manifest if status_of(m) in keep]
+  if manifest and not kept:
+    c = counts([status_of(m) for m in manifest])
+    parts = [f"{c[s]} of {len(manifest)} are {s} (never trained on)" for s in ("nonfinite", "degenerate") if c[s]]
+    if drop_flagged and c["in_distribution"]:
+      parts.append(f"pseudo.drop_flagged removed {c['in_distribution']} of {len(manifest)} (in_distribution: "
+                   "s stayed below m - band)")
+    raise ValueError("no synthetic image is fit for pseudo-labelling: " + "; ".join(parts)
+                     + f". Likely cause: {likely_cause(c)}")
+  return kept
+
