@@ -13,7 +13,8 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
@@ -34,7 +35,37 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "our networks' dt
 flags.DEFINE_enum("torch_dtype", "float32", ["float32", "float16", "bfloat16"],
                   "diffusers' dtype (float16/bfloat16 are for a GPU)")
 flags.DEFINE_string("pipeline", "", "an existing diffusers in-painting folder (e.g. SD-2-inpainting); empty: random tiny")
+flags.DEFINE_enum("preset", "", ["", "tiny", "small"], "model sizes (flags given on the command line win)")
 FLAGS = flags.FLAGS
+
+# Named sizes of the random pipeline. tiny: 64 px images; small: 256 px, SD-like 8x VAE.
+PRESETS = {
+    "tiny": dict(unet_channels=["32", "64", "128"], latent_size=16, vae_channels=["32", "64", "64"]),
+    "small": dict(unet_channels=["64", "128", "256"], latent_size=32, vae_channels=["32", "64", "128", "128"]),
+}
+
+
+def apply_preset() -> None:
+  """Set the preset's sizes on every flag the command line did not give."""
+  for name, value in PRESETS.get(FLAGS.preset, {}).items():
+    if not FLAGS[name].present:
+      FLAGS[name].value = value
+
+
+HIGH_LOAD = 0.5  # 1-minute load average per core above which timings are flagged as not valid
+
+
+def load_average() -> float:
+  return os.getloadavg()[0]
+
+
+def load_warning(loads) -> str | None:
+  """A warning line when other work was running beside the timings (load per core > HIGH_LOAD)."""
+  worst, cores = max(loads), os.cpu_count() or 1
+  if worst / cores > HIGH_LOAD:
+    return (f"  WARNING: 1-minute load average reached {worst:.2f} on {cores} cores during these timings: "
+            f"other processes shared the CPU, so the ratios above are not valid measurements.")
+  return None
 
 PROMPTS = ["a green meadow under a cloudy sky", "the sky over a city at night", "a wooden table with cups",
            "a dog lying on a red carpet", "waves breaking on rocks", "a street with parked bicycles"]
@@ -72,6 +103,28 @@ def device_lines() -> list[str]:
           f"  diffusers (torch {torch.__version__}): {dev.type} ({torch_name}), {FLAGS.torch_dtype}"]
 
 
+# stabilityai/stable-diffusion-2-inpainting's component configs, written out by hand (no hub at run time).
+SD2_INPAINT_UNET = {
+    "act_fn": "silu", "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 1024,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "in_channels": 9, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+    "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "use_linear_projection": True, "upcast_attention": False,
+}
+SD2_VAE = {
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "sample_size": 512, "scaling_factor": 0.18215,
+}
+# OpenCLIP ViT-H/14's text tower as SD-2 uses it (its vocabulary size comes from the tokenizer in use).
+SD2_TEXT = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
+            "hidden_act": "gelu", "layer_norm_eps": 1e-5, "max_position_embeddings": 77, "projection_dim": 512}
+
+
 def unet_config(channels, layers, heads, cross_dim, sample_size) -> dict:
   n = len(channels)
   return {
@@ -105,9 +158,9 @@ def _perturbed(model, seed):
   return model.eval()
 
 
-def make_torch_pipeline(root: str):
-  """(folder, image_size): a random tiny diffusers StableDiffusionInpaintPipeline saved in root/pipe,
-  or FLAGS.pipeline as it is."""
+def make_torch_pipeline(root: str, sd2: bool = False):
+  """(folder, image_size): a random diffusers StableDiffusionInpaintPipeline saved in root/pipe (sizes from
+  the flags, or SD-2 in-painting's own with sd2=True), or FLAGS.pipeline as it is."""
   import diffusers
   import torch
   import transformers
@@ -117,15 +170,21 @@ def make_torch_pipeline(root: str):
   if FLAGS.pipeline:
     vae = diffusers.AutoencoderKL.load_config(os.path.join(FLAGS.pipeline, "vae"))
     return FLAGS.pipeline, FLAGS.latent_size * 2 ** (len(vae["block_out_channels"]) - 1)
-  unet_ch = [int(c) for c in FLAGS.unet_channels]
-  vae_ch = [int(c) for c in FLAGS.vae_channels]
-  image = FLAGS.latent_size * 2 ** (len(vae_ch) - 1)
   torch.manual_seed(0)
-  unet = _perturbed(diffusers.UNet2DConditionModel(**unet_config(
-      unet_ch, FLAGS.unet_layers, FLAGS.head_dim, FLAGS.text_width, FLAGS.latent_size)), 1)
-  vae = _perturbed(diffusers.AutoencoderKL(**vae_config(vae_ch, image)), 2)
-  text_cfg = dict(tiny_sd.TINY_TEXT_CONFIG, hidden_size=FLAGS.text_width, intermediate_size=4 * FLAGS.text_width,
-                  num_hidden_layers=FLAGS.text_layers)
+  if sd2:
+    image = 512
+    unet = diffusers.UNet2DConditionModel(**SD2_INPAINT_UNET).eval()
+    vae = diffusers.AutoencoderKL(**SD2_VAE).eval()
+    text_cfg = dict(tiny_sd.TINY_TEXT_CONFIG, **SD2_TEXT)
+  else:
+    unet_ch = [int(c) for c in FLAGS.unet_channels]
+    vae_ch = [int(c) for c in FLAGS.vae_channels]
+    image = FLAGS.latent_size * 2 ** (len(vae_ch) - 1)
+    unet = _perturbed(diffusers.UNet2DConditionModel(**unet_config(
+        unet_ch, FLAGS.unet_layers, FLAGS.head_dim, FLAGS.text_width, FLAGS.latent_size)), 1)
+    vae = _perturbed(diffusers.AutoencoderKL(**vae_config(vae_ch, image)), 2)
+    text_cfg = dict(tiny_sd.TINY_TEXT_CONFIG, hidden_size=FLAGS.text_width,
+                    intermediate_size=4 * FLAGS.text_width, num_hidden_layers=FLAGS.text_layers)
   text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_cfg)).eval()
   tok_dir = tiny.write_char_tokenizer(os.path.join(root, "tok"))
   pipe = diffusers.StableDiffusionInpaintPipeline(
@@ -164,16 +223,30 @@ def timed(fn, sync_fn=None):
 
 def first_and_warm(sides, repeats: int):
   """sides: {name: (fn, sync_fn)}. Each side's first call, then `repeats` warm calls interleaved
-  (a, b, a, b, ...) so that load from other processes hits both alike.
-  Returns {name: (last result, first-call s, median warm s, [warm s])}."""
-  first, warm, out = {}, {k: [] for k in sides}, {}
+  (a, b, a, b, ...) so that load from other processes hits both alike. Returns {name: (last result,
+  first-call s, median warm s, [warm s], {'first': load, 'warm': [load]})} with the 1-minute load
+  average read right after each call."""
+  first, warm, out, loads = {}, {k: [] for k in sides}, {}, {k: {"warm": []} for k in sides}
   for name, (fn, sync_fn) in sides.items():
     out[name], first[name] = timed(fn, sync_fn)
+    loads[name]["first"] = load_average()
   for _ in range(repeats):
     for name, (fn, sync_fn) in sides.items():
       out[name], t = timed(fn, sync_fn)
       warm[name].append(t)
-  return {k: (out[k], first[k], statistics.median(warm[k]), warm[k]) for k in sides}
+      loads[name]["warm"].append(load_average())
+  return {k: (out[k], first[k], statistics.median(warm[k]), warm[k], loads[k]) for k in sides}
+
+
+def random_resnet50(path: str, seed: int = 0):
+  """A random torchvision-layout ResNet-50 (1000 classes) saved as a state dict at `path`; returns the
+  torch model (eval mode). The builder is the tests' (torchvision is not installed beside this torch)."""
+  import torch
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  from test_resnet import _random_resnet  # pylint: disable=import-outside-toplevel
+  model = _random_resnet((3, 4, 6, 3), 64, 1000, seed=seed)
+  torch.save(model.state_dict(), path)
+  return model
 
 
 def nchw(x):

@@ -97,8 +97,8 @@ def main(argv):
 
   res = common.first_and_warm({"diffusers": (run_torch, lambda _: common.sync(dev)),
                                "ours": (run_ours, jax.block_until_ready)}, FLAGS.repeats)
-  t_out, t_first, t_warm, t_all = res["diffusers"]
-  o_out, o_first, o_warm, o_all = res["ours"]
+  t_out, t_first, t_warm, t_all, t_loads = res["diffusers"]
+  o_out, o_first, o_warm, o_all, o_loads = res["ours"]
 
   ref = common.nhwc(t_out)
   got = np.asarray(o_out, np.float32)
@@ -120,6 +120,11 @@ def main(argv):
         f"{(t_first + sum(t_all)) / (o_first + sum(o_all)):.2f} x")
   print(f"  max |ours - diffusers| {what}: {err:.2e} (scale {np.abs(ref).max():.2f}); "
         f"start latents z_t: {zt_diff:.1e}")
+  loads = [t_loads["first"], o_loads["first"], *t_loads["warm"], *o_loads["warm"]]
+  print(f"  1-minute load average during the timings: {min(loads):.2f} - {max(loads):.2f}")
+  warning = common.load_warning(loads)
+  if warning:
+    print(warning)
 
 
 if __name__ == "__main__":

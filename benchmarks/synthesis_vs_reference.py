@@ -1,36 +1,38 @@
-"""SynOOD stage-1 synthesis: our jitted per-batch program vs the official PyTorch procedure, same run.
+"""SynOOD stage-1 synthesis: our per-batch program vs the official PyTorch procedure, same run, same models.
 
-Reference (the official `generate_near_ood_sample.py` loop, on diffusers' StableDiffusionInpaintPipeline,
-which agrees with the official modified pipeline given identical latents; see docs/notes): per batch,
-VAE-encode the sources and *sample* the posterior, draw eps once; then K times:
-  z_t = scheduler.add_noise(z_in, eps, t0)
-  under no_grad: pipe(prompt=..., mask_image=ones, masked_image_latents=<all-zero image in PIXEL space>,
-                      latents=z_t, strength, steps, guidance, output_type='latent')
-     (so the pipeline re-encodes the prompts and VAE-encodes the constant masked image on every call)
-  with grad: x = clamp(D(z0 / scale) / 2 + 0.5, 0, 1); g = classifier(x); s = mean(g) - logsumexp(g);
-     L = mean((m - s)^2); L.backward() (as the official code: parameters keep requires_grad, so weight
-     gradients are computed too); eps <- eps - r * dL/dz
-  including the last update, which is never used. The saved images are the last decode.
-Ours: `synthesis.synthesize_batch` under `jax.jit`, called exactly as `synthesis.synthesize` calls it
-(host tokenization per batch, the masked-image latents computed once, outputs fetched to the host),
-without the PNG/manifest writing.
+Reference: `official_loop` of tests/test_synthesis.py, the official `generate_near_ood_sample.py` loop on
+diffusers' StableDiffusionInpaintPipeline (which agrees with the official modified pipeline given
+identical latents), with a random torchvision-layout ResNet-50 and its transforms. Per batch: VAE-encode
+the sources and sample the posterior, draw eps; then K times: z_t = add_noise(z_in, eps, t0); under
+no_grad pipe(..., masked_image_latents=<the all-zero image in PIXEL space, encoded and sampled by the
+pipeline on every call>, latents=z_t, output_type='latent'); with grad: decode z0 / scale, ResNet-50,
+L = mean((m - s)^2), backward (parameters keep requires_grad, as in the official code), eps -= r dL/du,
+the last update included. torch runs with OMP_WAIT_POLICY=PASSIVE: with the default (spinning) policy
+its threads burn CPU while waiting, and under load from other processes its UNet call ran about 5x
+slower, which would flatter ours.
+Ours: `synthesize.batch_program` (explicit shardings, donated source images) called as
+`synthesize.synthesize` calls it: host tokenization per batch, the masked-image latents computed once,
+outputs fetched to the host; without the image/manifest writing (neither side's file IO is timed).
 
-Classifier on both sides: CLIP zero-shot over `--num_classes` class prompts from one random tiny CLIP
-folder (`tiny.make_tiny_clip`): transformers' CLIPModel image tower in torch (bicubic antialiased
-resize + centre crop + normalize in torch, differentiable), `guidance.clip_zero_shot` in ours. The class
-text features are computed once (outside the timings) and shared.
+Warm: each side's first call, then --repeats warm calls interleaved (torch, ours, torch, ours, ...); the
+1-minute load average is printed beside each timing, and a warning when it says the CPU was shared.
+Cold (--cold): a fresh process per side that imports, loads the model folders, runs one batch and exits,
+timed from outside; ours twice, first with an empty persistent compile cache, then with it warm.
 
-  python benchmarks/synthesis_vs_reference.py                    # ~3 min on an idle 2-core CPU
-  python benchmarks/synthesis_vs_reference.py --unet_channels=128,256,512 --latent_size=64 --batch=16 \
-      --repeats=5 --dtype=bfloat16 --torch_dtype=float16         # a GPU
+  python benchmarks/synthesis_vs_reference.py --preset=tiny --cold      # 64 px
+  python benchmarks/synthesis_vs_reference.py --preset=small --cold     # 256 px, 32x32 latents
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
+import subprocess
 import sys
 import tempfile
+import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch's OpenMP starts: before any import of it
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (also puts the repository root on sys.path)
@@ -41,144 +43,202 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from synood_jax.synthesis import guidance, refinement, synthesize as synthesis
-from synood_jax.models import zero_shot  # noqa: E402
+from synood_jax import parallel  # noqa: E402
 from synood_jax.diffusion import inpaint, pipeline, schedulers  # noqa: E402
-from synood_jax.models import clip
-from synood_jax.demo import tiny_clip as tiny  # noqa: E402
+from synood_jax.models import resnet  # noqa: E402
+from synood_jax.synthesis import guidance, refinement, synthesize as synthesis  # noqa: E402
 
 flags.DEFINE_integer("iterations", 3, "K refinement iterations")
 flags.DEFINE_float("step_size", 10.0, "r")
 flags.DEFINE_float("target", -5.0, "m")
-flags.DEFINE_integer("num_classes", 16, "zero-shot classes of the guidance classifier")
-flags.DEFINE_integer("clip_image_size", 64, "tiny CLIP input size (patch 8)")
-flags.DEFINE_integer("clip_width", 64, "tiny CLIP vision width")
+flags.DEFINE_bool("cold", False, "also time a cold process per side (imports, loading, compile, one batch)")
+flags.DEFINE_string("role", "", "internal: 'cold_ours' / 'cold_torch' run one batch in this process")
+flags.DEFINE_string("folder", "", "internal: the pipeline folder of a cold run")
+flags.DEFINE_string("resnet", "", "internal: the ResNet-50 state dict of a cold run")
+flags.DEFINE_string("cache_dir", "", "internal: the compile cache of a cold run")
 
 
-def _torch_reference(folder, clip_folder, text_features, image):
-  """-> run(sources NCHW in [-1, 1], prompts, seed) -> images NCHW in [0, 1]: the official loop."""
-  import torch
-  import torch.nn.functional as F
-  import transformers
+def batch_inputs(batch: int, image: int):
+  """Source images NHWC in [-1, 1], the official prompt form, and stable source ids."""
+  rng = np.random.default_rng(0)
+  sources = rng.uniform(-1, 1, (batch, image, image, 3)).astype(np.float32)
+  ids = np.array([synthesis.source_id(f"c/{i}.JPEG") for i in range(batch)], np.int32)
+  return sources, common.prompts(batch), ids
 
-  from synood_jax.models import clip_preprocess
 
-  dev, dt = common.torch_device(), common.torch_dtype()
-  pipe = common.load_torch_pipeline(folder)
-  model = transformers.CLIPModel.from_pretrained(clip_folder).to(dev, dt).eval()
-  text = torch.from_numpy(text_features).to(dev, dt)
-  pre = clip_preprocess.load_config(clip_folder)
-  mean = torch.tensor(pre.image_mean, device=dev, dtype=dt).view(1, 3, 1, 1)
-  std = torch.tensor(pre.image_std, device=dev, dtype=dt).view(1, 3, 1, 1)
-  scale = pipe.vae.config.scaling_factor
-  steps, strength = FLAGS.steps, FLAGS.strength
+class Ours:
+  """Our per-batch program as `synthesize` builds and calls it."""
 
-  def classifier(x):
-    h, w = x.shape[-2:]
-    short = pre.shortest_edge
-    size = (short, round(w * short / h)) if h <= w else (round(h * short / w), short)
-    x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-    top, left = (x.shape[-2] - pre.crop_height) // 2, (x.shape[-1] - pre.crop_width) // 2
-    x = (x[..., top:top + pre.crop_height, left:left + pre.crop_width] - mean) / std
-    f = model.visual_projection(model.vision_model(pixel_values=x).pooler_output)
-    return 100.0 * F.normalize(f, dim=-1) @ text.T
+  def __init__(self, folder: str, resnet_path: str, dtype=jnp.float32, iterations: int = 3,
+               hyper: refinement.Hyper | None = None):
+    self.pipe, params = pipeline.load_inpaint_pipeline(folder, dtype=dtype)
+    module, rparams = resnet.load_resnet(resnet_path, dtype=dtype)
+    self.logits_fn, params["classifier"] = guidance.resnet50(module, rparams)
+    self.mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    self.params, shardings = synthesis.place_params(params, self.mesh)
+    self.cfg = refinement.RefineConfig(iterations=iterations)
+    self.program = synthesis.batch_program(self.pipe, self.cfg, FLAGS.steps, None, self.logits_fn, self.mesh,
+                                           shardings)
+    self.image = None
+    self.hyper = hyper or refinement.Hyper.make(FLAGS.step_size, FLAGS.target, FLAGS.batch)
 
-  def run(sources, prompts, seed):
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    b = sources.shape[0]
-    mask = torch.ones(b, 1, image, image, device=dev, dtype=dt)
+  def args(self, sources, prompts, ids, seed: int = 0):
+    pipe, image = self.pipe, sources.shape[1]
+    if self.image != image:
+      self.masked = synthesis.masked_image_latents(pipe, self.params["vae"], image)
+      self.negative_ids = jnp.asarray(pipe.tokenize([""]))
+      self.image = image
+    prompt_ids = np.asarray(pipe.tokenize(prompts))
+    return (self.params, *parallel.global_batch((sources, ids, prompt_ids), self.mesh), self.negative_ids,
+            self.masked, np.int32(inpaint.start_index(pipe.scheduler, FLAGS.steps, FLAGS.strength)),
+            np.float32(FLAGS.guidance), self.hyper, np.uint32(seed))
+
+  def compile(self, sources, prompts, ids) -> dict:
+    """Compile ahead (as synthesize does); returns the seconds of each part: building the arguments
+    (masked-image latents, tokens), tracing and lowering, and compiling (or loading from the cache)."""
+    t0 = time.perf_counter()
+    args = self.args(sources, prompts, ids)
+    t1 = time.perf_counter()
+    lowered = self.program.lower(*args)
+    t2 = time.perf_counter()
+    self.program = lowered.compile()
+    t3 = time.perf_counter()
+    return {"args_s": t1 - t0, "lower_s": t2 - t1, "xla_s": t3 - t2, "total_s": t3 - t0}
+
+  def run(self, sources, prompts, ids, seed: int = 0):
+    out, scores, losses, _, _ = self.program(*self.args(sources, prompts, ids, seed))
+    return parallel.to_host((out, scores, losses))
+
+
+class Official:
+  """The official procedure in PyTorch (tests/test_synthesis.official_loop)."""
+
+  def __init__(self, folder: str, resnet_path: str):
+    import torch
+    sys.path.insert(0, os.path.join(common.ROOT, "tests"))
+    from test_resnet import _random_resnet  # pylint: disable=import-outside-toplevel
+    from test_synthesis import official_loop  # pylint: disable=import-outside-toplevel
+    self.torch, self.loop, self.dev, self.dtype = torch, official_loop, common.torch_device(), common.torch_dtype()
+    self.pipe = common.load_torch_pipeline(folder)
+    model = _random_resnet((3, 4, 6, 3), 64, 1000, seed=0)
+    model.load_state_dict(torch.load(resnet_path, map_location="cpu", weights_only=True))
+    self.model = model.to(self.dev, self.dtype).eval()
+
+  def run(self, sources, prompts, ids, seed: int = 0):
+    del ids
+    torch = self.torch
+    x = common.nchw(sources).to(self.dev, self.dtype)
+    b, _, h, w = x.shape
+    gen = torch.Generator(device=self.dev).manual_seed(seed)
     with torch.no_grad():
-      z_in = pipe.vae.encode(sources).latent_dist.sample(gen) * scale
-      eps = torch.randn(z_in.shape, generator=gen, device=dev, dtype=dt)
-      pipe.scheduler.set_timesteps(steps, device=dev)
-      ts, _ = pipe.get_timesteps(steps, strength, dev)
-    masked_pixels = sources * (mask < 0.5)       # all zeros, in pixel space: encoded by the pipeline
-    for _ in range(FLAGS.iterations):
-      z_t = pipe.scheduler.add_noise(z_in, eps, ts[:1])
-      with torch.no_grad():
-        z0 = pipe(prompt=prompts, image=sources, mask_image=mask, masked_image_latents=masked_pixels, latents=z_t,
-                  guidance_scale=FLAGS.guidance, num_inference_steps=steps, strength=strength,
-                  generator=gen, output_type="latent", height=image, width=image).images
-        z = z0 / scale
-      with torch.enable_grad():
-        z.requires_grad_(True)
-        x = (pipe.vae.decode(z, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
-        g = classifier(x)
-        s = g.mean(1) - torch.logsumexp(g, dim=1)
-        loss = torch.pow(FLAGS.target - s, 2).mean()
-        loss.backward()
-        eps = eps - z.grad * FLAGS.step_size
-    return x.detach()
+      z_in = self.pipe.vae.encode(x).latent_dist.sample(gen) * self.pipe.vae.config.scaling_factor
+      eps = torch.randn(z_in.shape, generator=gen, device=self.dev, dtype=self.dtype)
+    masked_pixels = torch.zeros(b, 3, h, w, device=self.dev, dtype=self.dtype)  # encoded by the pipeline
+    rows = self.loop(self.pipe, self.model, z_in, eps, masked_pixels, prompts, FLAGS.iterations, FLAGS.step_size,
+                     FLAGS.target, steps=FLAGS.steps, strength=FLAGS.strength, guidance=FLAGS.guidance)
+    common.sync(self.dev)
+    return rows[-1]["images"].float().cpu().numpy(), torch.stack([r["scores"] for r in rows]).float().cpu().numpy()
 
-  return run
+
+def build(root: str, sd2: bool = False):
+  """(pipeline folder, image size, ResNet-50 path): random models saved for both sides."""
+  folder, image = common.make_torch_pipeline(root, sd2=sd2)
+  resnet_path = os.path.join(root, "resnet50.pth")
+  common.random_resnet50(resnet_path)
+  return folder, image, resnet_path
+
+
+def cold_child() -> None:
+  """One batch in a fresh process; prints its own breakdown as JSON."""
+  start = time.perf_counter()
+  if FLAGS.role == "cold_ours":
+    jax.config.update("jax_compilation_cache_dir", FLAGS.cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  image = FLAGS.latent_size * 2 ** (len(FLAGS.vae_channels) - 1)
+  sources, prompts, ids = batch_inputs(FLAGS.batch, image)
+  if FLAGS.role == "cold_ours":
+    side = Ours(FLAGS.folder, FLAGS.resnet, iterations=FLAGS.iterations)
+    loaded = time.perf_counter()
+    parts = side.compile(sources, prompts, ids)
+  else:
+    side = Official(FLAGS.folder, FLAGS.resnet)
+    loaded, parts = time.perf_counter(), {"total_s": 0.0}
+  side.run(sources, prompts, ids)
+  print(json.dumps(dict(parts, load_s=loaded - start, compile_s=parts["total_s"],
+                        run_s=time.perf_counter() - loaded - parts["total_s"])))
+
+
+def cold_runs(folder: str, resnet_path: str) -> list[tuple[str, float, dict, float]]:
+  """torch, ours (empty compile cache), torch, ours (warm cache): (name, wall s, breakdown, load)."""
+  cache = tempfile.mkdtemp(prefix="synthesis_cold_cache_")
+  args = [f"--folder={folder}", f"--resnet={resnet_path}", f"--cache_dir={cache}", f"--batch={FLAGS.batch}",
+          f"--iterations={FLAGS.iterations}", f"--steps={FLAGS.steps}", f"--strength={FLAGS.strength}",
+          f"--guidance={FLAGS.guidance}", f"--step_size={FLAGS.step_size}", f"--target={FLAGS.target}",
+          f"--latent_size={FLAGS.latent_size}", f"--vae_channels={','.join(FLAGS.vae_channels)}"]
+  out = []
+  for name, role in (("official (torch)", "cold_torch"), ("ours, empty compile cache", "cold_ours"),
+                     ("official (torch)", "cold_torch"), ("ours, warm compile cache", "cold_ours")):
+    start = time.perf_counter()
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), f"--role={role}", *args], check=True,
+                         capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    wall = time.perf_counter() - start
+    out.append((name, wall, json.loads(res.stdout.strip().splitlines()[-1]), common.load_average()))
+  return out
 
 
 def main(argv):
   del argv
+  common.apply_preset()
+  if FLAGS.role:
+    return cold_child()
   import torch
 
   tmp = tempfile.mkdtemp(prefix="synthesis_bench_")
-  folder, image = common.make_torch_pipeline(tmp)
-  clip_folder = tiny.make_tiny_clip(
-      os.path.join(tmp, "clip"), seed=0, vision_image_size=FLAGS.clip_image_size, vision_patch_size=8,
-      vision_hidden_size=FLAGS.clip_width, vision_intermediate_size=4 * FLAGS.clip_width, projection_dim=32)
-  B, steps = FLAGS.batch, FLAGS.steps
-  dev = common.torch_device()
+  folder, image, resnet_path = build(tmp)
+  B = FLAGS.batch
+  sources, prompts, ids = batch_inputs(B, image)
+  ours = Ours(folder, resnet_path, iterations=FLAGS.iterations)
+  official = Official(folder, resnet_path)
+  res = common.first_and_warm({"official (torch)": (lambda: official.run(sources, prompts, ids), None),
+                               "ours": (lambda: ours.run(sources, prompts, ids), None)}, FLAGS.repeats)
+  t_out, t_first, t_warm, t_all, t_loads = res["official (torch)"]
+  (o_img, o_scores, _), o_first, o_warm, o_all, o_loads = res["ours"]
 
-  # Ours, set up as synthesis.synthesize does.
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
-  pipe, params = pipeline.load_inpaint_pipeline(folder, dtype=dtype)
-  bundle = clip.from_pretrained(clip_folder, dtype=dtype)
-  classes = [f"class {chr(97 + i % 26)}{i}" for i in range(FLAGS.num_classes)]
-  text_features = zero_shot.class_text_features(bundle, bundle.params, classes, ["a photo of a {}."])
-  logits_fn, params["classifier"] = guidance.clip_zero_shot(bundle, text_features)
-  params = jax.device_put(params)
-  refine_cfg = refinement.RefineConfig(iterations=FLAGS.iterations, step_size=FLAGS.step_size,
-                                       target=FLAGS.target, reference_batch=B)
-  first_index = jnp.int32(inpaint.start_index(pipe.scheduler, steps, FLAGS.strength))
-  negative_ids = jnp.asarray(pipe.tokenize([""]))
-  masked = synthesis.masked_image_latents(pipe, params["vae"], image)
-  step_fn = jax.jit(functools.partial(synthesis.synthesize_batch, pipe, refine_cfg, steps, None, logits_fn))
-
-  rng = np.random.default_rng(0)
-  sources = rng.uniform(-1, 1, (B, image, image, 3)).astype(np.float32)
-  prompts = common.prompts(B)
-  ids = np.array([synthesis.source_id(f"c/{i}.png") for i in range(B)], np.int32)
-
-  def run_ours():
-    prompt_ids = np.asarray(pipe.tokenize(prompts))
-    out, scores, losses, _, _ = step_fn(params, sources, ids, prompt_ids, negative_ids, masked, first_index,
-                                     jnp.float32(FLAGS.guidance), jnp.uint32(0))
-    return jax.device_get((out, scores, losses))
-
-  ref = _torch_reference(folder, clip_folder, text_features, image)
-  t_sources = common.nchw(sources).to(dev, common.torch_dtype())
-
-  def run_torch():
-    return ref(t_sources, prompts, 0)
-
-  res = common.first_and_warm({"official (torch)": (run_torch, lambda _: common.sync(dev)),
-                               "ours": (run_ours, None)}, FLAGS.repeats)
-  t_out, t_first, t_warm, t_all = res["official (torch)"]
-  (o_img, o_scores, _), o_first, o_warm, o_all = res["ours"]
-  t_img = common.nhwc(t_out)
-
-  kept = len(schedulers.get_timesteps(pipe.scheduler, steps, FLAGS.strength)[0])
-  print(f"synthesis_vs_reference: {common.config_line(image)}; tiny CLIP {FLAGS.clip_image_size}px "
-        f"width {FLAGS.clip_width}, {FLAGS.num_classes} classes")
-  print(f"  batch {B}, K={FLAGS.iterations}, {steps} steps x strength {FLAGS.strength} ({kept} sampler "
-        f"steps per iteration), guidance {FLAGS.guidance}, r={FLAGS.step_size}, m={FLAGS.target}; ours {FLAGS.dtype}")
-  print("\n".join(common.device_lines()))
-  print(f"  {'':18s} {'first call s':>13s} {'warm median s':>14s} {'images/s':>10s}   warm runs")
-  for name, first_s, warm_s, all_s in (("official (torch)", t_first, t_warm, t_all), ("ours", o_first, o_warm, o_all)):
-    print(f"  {name:18s} {first_s:13.3f} {warm_s:14.3f} {B / warm_s:10.3f}   " + " ".join(f"{t:.3f}" for t in all_s))
-  print(f"  our compile time (first call - warm median): {o_first - o_warm:.2f} s")
-  print(f"  ratio ours/official (images/s, warm):        {t_warm / o_warm:.2f} x   (target >= 2)")
-  print(f"  ratio incl. our compile, over {FLAGS.repeats + 1} batches:     "
-        f"{(t_first + sum(t_all)) / (o_first + sum(o_all)):.2f} x")
-  ok = np.isfinite(o_img).all() and np.isfinite(t_img).all()
-  print(f"  outputs finite: {ok}; shapes ours {o_img.shape} official {t_img.shape}; our scores per iteration "
-        f"(image 0): {' '.join(f'{v:.3f}' for v in o_scores[:, 0])} (random posterior/noise differ between the two sides)")
+  kept = len(schedulers.get_timesteps(ours.pipe.scheduler, FLAGS.steps, FLAGS.strength)[0])
+  print(f"synthesis_vs_reference ({FLAGS.preset or 'flags'}): {common.config_line(image)}; "
+        "ResNet-50 guidance (resize 232, crop 224)")
+  print(f"  batch {B}, K={FLAGS.iterations}, {FLAGS.steps} steps x strength {FLAGS.strength} ({kept} sampler "
+        f"steps per iteration), guidance {FLAGS.guidance}, r={FLAGS.step_size}, m={FLAGS.target}, "
+        f"reference batch {B}; fp32")
+  print("\n".join(common.device_lines()) + f"; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+  print(f"  {'warm':26s} {'first call s':>13s} {'median s':>9s} {'images/s':>9s}   warm runs s (1-min load)")
+  for name, first_s, warm_s, all_s, loads in (("official (torch)", t_first, t_warm, t_all, t_loads),
+                                               ("ours", o_first, o_warm, o_all, o_loads)):
+    runs = " ".join(f"{t:.2f} ({l:.1f})" for t, l in zip(all_s, loads["warm"]))
+    print(f"  {name:26s} {first_s:9.2f} ({loads['first']:.1f}) {warm_s:9.2f} {B / warm_s:9.3f}   {runs}")
+  print(f"  our compile time (first call - warm median): {o_first - o_warm:.1f} s")
+  print(f"  ours / official, warm (images/s):          {t_warm / o_warm:.2f}x")
+  print(f"  ours / official, first call incl. compile: {t_first / o_first:.2f}x")
+  loads = [t_loads["first"], o_loads["first"], *t_loads["warm"], *o_loads["warm"]]
+  if FLAGS.cold:
+    cold = cold_runs(folder, resnet_path)
+    print(f"  {'cold process (one batch)':26s} {'wall s':>9s} {'load+import s':>14s} {'compile s':>10s} {'run s':>7s}  1-min load")
+    for name, wall, parts, load in cold:
+      split = (f"  (arguments {parts['args_s']:.1f}, trace+lower {parts['lower_s']:.1f}, XLA {parts['xla_s']:.1f})"
+               if "xla_s" in parts else "")
+      print(f"  {name:26s} {wall:9.1f} {parts['load_s']:14.1f} {parts['compile_s']:10.1f} {parts['run_s']:7.1f}  "
+            f"{load:.1f}{split}")
+    torch_cold = np.mean([c[1] for c in cold if c[0].startswith("official")])
+    print(f"  ours / official, cold process: {torch_cold / cold[1][1]:.2f}x (empty compile cache), "
+          f"{torch_cold / cold[3][1]:.2f}x (warm compile cache)")
+    loads += [c[3] for c in cold]
+  warning = common.load_warning(loads)
+  if warning:
+    print(warning)
+  ok = np.isfinite(o_img).all() and np.isfinite(t_out[0]).all()
+  print(f"  outputs finite: {ok}; shapes ours {o_img.shape} official {t_out[0].shape[:1] + t_out[0].shape[2:]}x3; "
+        f"scores per iteration, image 0: ours {' '.join(f'{v:.3f}' for v in o_scores[:, 0])}, official "
+        f"{' '.join(f'{v:.3f}' for v in t_out[1][:, 0])} (other random draws; equality is tests/test_synthesis.py's)")
   del torch
 
 

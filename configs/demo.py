@@ -29,7 +29,13 @@ def get_config(arg: str | None = None):
   c.sources.per_class = 8
   c.synthesis.image_size = 32           # the tiny VAE: 16x16 latents
   c.synthesis.target = -1.8             # 4 classes: s <= -log 4 = -1.39
-  c.synthesis.step_size = 10.0
+  # The demo has no ResNet-50: CLIP zero-shot guidance over its 4 classes. It keeps the per-image step
+  # it was tuned with (r = 10 under the old dL/dz0 update = 55 in the official dL/du units), and PNG
+  # keeps its 32 px images free of JPEG blocks.
+  c.synthesis.classifier = "clip"
+  c.synthesis.reference_batch = 1
+  c.synthesis.step_size = 55.0
+  c.synthesis.image_format = "png"
   c.synthesis.log_every_secs = 5.0
   c.synthesis.max_not_ok = 0.2          # random models: a few images stay in-distribution (1 of 32 here)
   c.negatives.keep_fraction = 0.5

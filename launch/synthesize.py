@@ -9,7 +9,7 @@ from synood_jax import runtime
 from synood_jax.pipeline import stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Run config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output: <workdir>/synthesis/<class>/<name>_ood.png + manifest.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output: <workdir>/synthesis/<class>/<name>_ood.JPEG (or .png) + manifest.")
 flags.mark_flags_as_required(["workdir"])
 
 

@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.context.policy = "fallback"         # a source without an answer: 'skip' or the fallback prompt
   c.context.fallback_prompt = "A photo only remain the background."
 
+  # The official procedure (generate_near_ood_sample.py with its shell script's values).
   c.synthesis = ml_collections.ConfigDict()
   c.synthesis.seed = 0                  # noise of each image: (seed, source id)
   c.synthesis.image_size = 512
@@ -52,19 +53,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthesis.guidance_scale = 8.0
   c.synthesis.scheduler = ""            # '' = the folder's (PNDM for SD-2 in-painting)
   c.synthesis.iterations = 3            # K
-  c.synthesis.step_size = 10.0          # r
+  c.synthesis.step_size = 10.0          # r in eps <- eps - r dL/du, u = z0 / scaling_factor (the official r)
   c.synthesis.target = -5.0             # m
   c.synthesis.loss = "squared"          # 'squared' (m - s)^2, 'hinge', 'msp_kl'
-  c.synthesis.grad_mode = "skip"        # 'skip' (official dL/dz0) or 'exact' (through the sampler)
-  c.synthesis.reference_batch = 1       # the official loss averages over its batch: B here reproduces it
+  c.synthesis.grad_mode = "skip"        # 'skip' (official dL/du) or 'exact' (pulled back through the sampler)
+  c.synthesis.reference_batch = 2       # the official loss averages over its batch of 2; 1: per-image steps
   c.synthesis.band = 2.0                # |s - m| <= band: near the boundary; s < m - band: flagged as ID
   c.synthesis.max_not_ok = 0.05         # stop when more than this share of images is not 'ok' (health.py)
   c.synthesis.min_pixel_std = 0.01      # an image with a smaller pixel std (in [0, 1]) is degenerate
   c.synthesis.batch_size = 8            # global; a multiple of the device count
   c.synthesis.decode_chunk = 0          # VAE-decode this many rows at a time (0: all)
-  c.synthesis.classifier = "clip"       # 'clip' zero-shot over the ID prompts, or 'resnet50'
+  c.synthesis.classifier = "resnet50"   # torchvision ResNet-50 (official), or 'clip' zero-shot over the ID prompts
   c.synthesis.clip_logit_scale = 100.0
   c.synthesis.resnet_path = ""          # torchvision resnet50 IMAGENET1K_V2 state dict (.pth / .safetensors)
+  c.synthesis.image_format = "jpeg"     # '<name>_ood.JPEG' via PIL (official, lossy) or 'png' (lossless)
+  c.synthesis.jpeg_quality = 75         # PIL's default, which the official script gets
   c.synthesis.log_every_secs = 30.0
 
   c.negatives = ml_collections.ConfigDict()  # NegLabel's negatives: the pipeline and the evaluation read these

@@ -61,8 +61,8 @@ def _toy_refine(step_size, eps):
   """refine() on a linear 'sampler', identity decoder and a 3-class linear classifier: the loop is the
   real one, the models are hand-made so that the update is known."""
   w = jnp.asarray(np.random.default_rng(0).normal(size=(eps[0].size, 3)), jnp.float32)
-  cfg = refinement.RefineConfig(iterations=3, step_size=step_size, target=-1.5)
-  return refinement.refine(cfg, lambda e: e, lambda p, z: z, lambda p, z: jax.nn.sigmoid(z),
+  cfg, hyper = refinement.RefineConfig(iterations=3), refinement.Hyper.make(step_size, -1.5)
+  return refinement.refine(cfg, hyper, lambda e: e, lambda p, z: z, lambda z: z, lambda p, z: jax.nn.sigmoid(z),
                            lambda p, x: x.reshape(x.shape[0], -1) @ w, {}, eps)
 
 

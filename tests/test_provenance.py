@@ -64,9 +64,9 @@ def test_rerun_with_a_changed_field(tmp_path, recorder, caplog):
   wd = Workdir(str(tmp_path))
   stages.run(demo_config(), wd.root)
   assert recorder == list(stages.STAGES)
-  assert json.load(open(wd.config))["synthesis"]["step_size"] == 10.0     # the full resolved config
+  assert json.load(open(wd.config))["synthesis"]["step_size"] == 55.0     # the full resolved config
   done = json.load(open(wd.done("synthesis")))["provenance"]
-  assert done["fields"]["synthesis.step_size"] == 10.0 and set(done["upstream"]) == {"models", "data", "sources"}
+  assert done["fields"]["synthesis.step_size"] == 55.0 and set(done["upstream"]) == {"models", "data", "sources"}
   recorder.clear()
   stages.run(demo_config(), wd.root)
   assert recorder == []                                                  # same config: all skipped
@@ -78,7 +78,7 @@ def test_rerun_with_a_changed_field(tmp_path, recorder, caplog):
   with pytest.raises(ValueError) as e:
     stages.run(c, wd.root)
   print(e.value)
-  assert "synthesis: synthesis.step_size: 10.0 -> 20.0" in str(e.value)
+  assert "synthesis: synthesis.step_size: 55.0 -> 20.0" in str(e.value)
   assert "stage2: stage2.epochs: 10 -> 3; input stage features changed" in str(e.value)
   assert recorder == [] and os.path.exists(os.path.join(wd.synthesis, "made_by_run_4.png"))
 
@@ -86,7 +86,7 @@ def test_rerun_with_a_changed_field(tmp_path, recorder, caplog):
   with caplog.at_level("WARNING"):
     stages.run(c, wd.root)
   assert recorder == ["synthesis", "features", "stage2", "stage3", "export", "evaluate", "report"]
-  assert any("stage synthesis: inputs changed since it ran, re-running it (synthesis.step_size: 10.0 -> 20.0)"
+  assert any("stage synthesis: inputs changed since it ran, re-running it (synthesis.step_size: 55.0 -> 20.0)"
              in r.getMessage() for r in caplog.records)
   # the old synthesis output was not reused: the folder holds only what the rerun made
   assert os.listdir(wd.synthesis) == ["made_by_run_1.png"]

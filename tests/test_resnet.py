@@ -247,8 +247,8 @@ def _torch_preprocess(x_nchw, resize=232, crop=224):
   y = F.interpolate(x_nchw, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
   top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
   y = y[..., top:top + crop, left:left + crop]
-  mean = torch.tensor(resnet.IMAGENET_MEAN, dtype=y.dtype).view(1, 3, 1, 1)
-  std = torch.tensor(resnet.IMAGENET_STD, dtype=y.dtype).view(1, 3, 1, 1)
+  mean = torch.tensor(resnet.IMAGENET_MEAN, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
+  std = torch.tensor(resnet.IMAGENET_STD, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
   return (y - mean) / std
 
 

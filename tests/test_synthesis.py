@@ -1,6 +1,8 @@
 """Synthesis stage (SynOOD stage 1): the boundary-refinement gradient against PyTorch autograd, the loss
-kinds against hand formulas, and end-to-end synthesis on a tiny SD-2 in-painting pipeline (one vs eight
-devices, batch composition, skip vs exact gradient)."""
+kinds against hand formulas, the whole refinement loop against a PyTorch implementation of the official
+procedure (DDIM and PNDM, iteration by iteration), and end-to-end synthesis on a tiny SD-2 in-painting
+pipeline (one vs eight devices, batch composition, skip vs exact gradient, output formats, refusing
+outputs of another procedure)."""
 import functools
 import json
 import os
@@ -57,8 +59,8 @@ def world(tmp_path_factory):
 
 def _config(**overrides):
   cfg = dict(image_size=IMAGE, steps=20, strength=0.6, guidance_scale=8.0, seed=3, batch_size=BATCH, band=0.05,
-             iterations=ITERATIONS, step_size=10.0, target=TARGET, loss="squared", grad_mode="skip",
-             log_every_secs=1000,
+             iterations=ITERATIONS, step_size=55.0, target=TARGET, loss="squared", grad_mode="skip",
+             reference_batch=1, image_format="png", log_every_secs=1000,
              max_not_ok=1.0)  # 2 iterations with a narrow band leave these images 'in_distribution'
   cfg.update(overrides)
   return ml_collections.ConfigDict(cfg)
@@ -88,7 +90,7 @@ def _png(out_dir, rec):
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. The skip gradient dL/dz0 against torch autograd.
+# 1. The skip gradient dL/du (u = z0 / scaling_factor, the decoder's input) against torch autograd.
 
 def _torch_clip_logits(world, x):
   """transformers CLIPModel zero-shot logits. The tiny CLIP's image_size is 32 and the tiny VAE decodes
@@ -129,22 +131,24 @@ def test_skip_gradient_matches_torch_autograd(world, tiny_resnet, classifier):
     n_classes = RESNET["classes"]
     torch_logits = lambda x: torch_model(_torch_preprocess(x, RESNET["resize"], RESNET["crop"]))
   m = float(-np.log(n_classes) - 0.3)
-  cfg = refinement.RefineConfig(target=m)
+  cfg, hyper = refinement.RefineConfig(), refinement.Hyper.make(target=m)
   z0 = np.random.default_rng(5).standard_normal((4, LATENT, LATENT, 4)).astype(np.float32)
 
-  def decode_fn(p, z):
-    return inpaint.decode_images(pipe.vae_decode, p["vae"], z, pipe.scaling_factor)
+  def decode_fn(p, u):
+    return inpaint.decode_unscaled(pipe.vae_decode, p["vae"], u)
 
   def logits_fn(p, x):
     return fn(p["classifier"], x)
 
-  grad, loss, s = jax.jit(functools.partial(refinement.skip_gradient, cfg, decode_fn, logits_fn))(
-      {"vae": params["vae"], "classifier": cparams}, jnp.asarray(z0))
+  u0 = inpaint.decoder_input(jnp.asarray(z0), pipe.scaling_factor)
+  grad, loss, s = jax.jit(functools.partial(refinement.skip_gradient, cfg, hyper, decode_fn, logits_fn))(
+      {"vae": params["vae"], "classifier": cparams}, u0)
   grad, loss, s = map(np.asarray, (grad, loss, s))
 
+  # the official script: the leaf is the decoder's input z / scaling_factor
   vae = diffusers.AutoencoderKL.from_pretrained(os.path.join(world["sd"], "vae")).eval()
-  z = torch.from_numpy(z0.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
-  x = torch.clamp(vae.decode(z / vae.config.scaling_factor).sample / 2 + 0.5, 0, 1)
+  z = (torch.from_numpy(z0.transpose(0, 3, 1, 2).copy()) / vae.config.scaling_factor).requires_grad_(True)
+  x = torch.clamp(vae.decode(z).sample / 2 + 0.5, 0, 1)
   g = torch_logits(x)
   s_ref = g.mean(-1) - torch.logsumexp(g, -1)
   loss_ref = (m - s_ref) ** 2
@@ -157,7 +161,7 @@ def test_skip_gradient_matches_torch_autograd(world, tiny_resnet, classifier):
   s_err = np.abs(s - s_ref).max()
   loss_rel = np.abs(loss - loss_ref).max() / np.abs(loss_ref).max()
   print(f"\n[{classifier}] C={n_classes} m={m:.4f} s={np.round(s, 4)} (torch {np.round(s_ref, 4)}); "
-        f"{clamped:.1%} of pixels clamped; dL/dz0 max|diff|/max|ref| = {rel:.2e} (max|ref| "
+        f"{clamped:.1%} of pixels clamped; dL/du max|diff|/max|ref| = {rel:.2e} (max|ref| "
         f"{np.abs(grad_ref).max():.3e}); s max abs err {s_err:.2e}; loss rel err {loss_rel:.2e}")
   assert np.abs(grad_ref).max() > 0 and np.isfinite(grad).all()
   assert rel <= 1e-4
@@ -252,30 +256,41 @@ def test_batch_composition_does_not_change_an_image(runs, world):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Skip (dL/dz0) vs exact (dL/deps through the remat'd sampler) update directions.
+# 5. Skip (dL/du) vs exact (dL/du pulled back through the remat'd sampler) updates.
 
-def test_exact_vs_skip_gradient(world, runs):
-  """Both modes on the batch of the 1-device run, through synthesize_batch as synthesize jits it (the skip
-  program is the one that run compiled); the updates are (eps0 - eps_2) / r."""
-  pipe, params, recs = world["pipe"], world["params"], world["recs"][:BATCH]
-  cfg = _config()
-  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+def _batch_args(world, recs, cfg, mesh):
+  """The arguments of `synthesize.batch_program` for these sources, built as `synthesize` builds them
+  (fresh source images each time: the program donates them)."""
+  pipe = world["pipe"]
+  params, _ = synthesis.place_params(world["params"], mesh)
   images = np.stack([synthesis.load_source_image(os.path.join(world["src"], r["path"]), IMAGE) for r in recs])
   ids = np.array([synthesis.source_id(r["path"]) for r in recs], np.int32)
   prompt_ids = np.asarray(pipe.tokenize([world["prompts"][r["path"]] for r in recs]))
-  args = (params, *parallel.global_batch((images, ids, prompt_ids), mesh), jnp.asarray(pipe.tokenize([""])),
+  return (params, *parallel.global_batch((images, ids, prompt_ids), mesh), jnp.asarray(pipe.tokenize([""])),
           synthesis.masked_image_latents(pipe, params["vae"], IMAGE),
-          jnp.int32(inpaint.start_index(pipe.scheduler, cfg.steps, cfg.strength)),
-          jnp.float32(cfg.guidance_scale), jnp.uint32(cfg.seed))
+          np.int32(inpaint.start_index(pipe.scheduler, cfg.steps, cfg.strength)),
+          np.float32(cfg.guidance_scale),
+          refinement.Hyper.make(cfg.step_size, cfg.target, cfg.reference_batch), np.uint32(cfg.seed))
+
+
+def test_exact_vs_skip_gradient(world, runs):
+  """Both modes on the batch of the 1-device run, through `batch_program` as synthesize builds it (the
+  skip program is the one that run compiled); the updates are (eps0 - eps_2) / r. The exact update is
+  (dz0/deps)^T dL/du = scaling_factor * dL/deps: checked against a central difference of the loss."""
+  pipe, recs = world["pipe"], world["recs"][:BATCH]
+  cfg = _config()
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  ids = np.array([synthesis.source_id(r["path"]) for r in recs], np.int32)
   # The initial noise, drawn as synthesize_batch draws it: from (seed, source id).
   key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
   eps0 = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, int(i)), (LATENT, LATENT, 4), jnp.float32))
                    for i in ids])
   out = {}
   for mode in refinement.GRAD_MODES:
-    rcfg = refinement.RefineConfig(iterations=cfg.iterations, step_size=cfg.step_size, target=cfg.target,
-                                   loss=cfg.loss, grad_mode=mode)
-    fn = jax.jit(functools.partial(synthesis.synthesize_batch, pipe, rcfg, cfg.steps, None, world["logits_fn"]))
+    rcfg = refinement.RefineConfig(iterations=cfg.iterations, loss=cfg.loss, grad_mode=mode)
+    args = _batch_args(world, recs, cfg, mesh)
+    fn = synthesis.batch_program(pipe, rcfg, cfg.steps, None, world["logits_fn"], mesh,
+                                 parallel.param_shardings(world["params"], mesh))
     _, scores, losses, eps, _ = fn(*args)
     out[mode] = dict(update=(eps0 - np.asarray(eps)) / cfg.step_size, scores=np.asarray(scores),
                      losses=np.asarray(losses))
@@ -285,14 +300,296 @@ def test_exact_vs_skip_gradient(world, runs):
                              rtol=1e-5, atol=1e-5)
   # same first iteration (same z0), so the same loss; only the direction of the update differs
   np.testing.assert_allclose(out["exact"]["losses"][0], out["skip"]["losses"][0], rtol=1e-5, atol=1e-6)
+
+  # The exact update against a central difference of the summed loss along a random direction d:
+  # <dL/deps, d> = <exact, d> / scaling_factor.
+  params_, images, ids, prompt_ids, negative_ids, masked, first, guidance, hyper, seed = _batch_args(
+      world, recs, cfg, mesh)
+  one = refinement.RefineConfig(iterations=1, loss=cfg.loss)
+
+  @jax.jit
+  def loss_fn(eps, params_, images, ids, prompt_ids, negative_ids, masked, first, guidance, hyper, seed):
+    z_in, _ = synthesis.draw_inputs(pipe, params_["vae"], images, ids, seed)
+    _, _, losses, _, _ = synthesis.refine_batch(pipe, one, cfg.steps, None, world["logits_fn"], params_, z_in, eps,
+                                                prompt_ids, negative_ids, masked, first, guidance, hyper)
+    return jnp.sum(losses)
+
+  total_loss = lambda eps: loss_fn(eps, params_, images, ids, prompt_ids, negative_ids, masked, first, guidance,
+                                   hyper, seed)
+
+  d = np.random.default_rng(7).standard_normal(eps0.shape).astype(np.float32)
+  h = 1e-2
+  numeric = (float(total_loss(eps0 + h * d)) - float(total_loss(eps0 - h * d))) / (2 * h)
+  analytic = float(np.vdot(exact, d)) / pipe.scaling_factor
   norm = lambda a: float(np.linalg.norm(a))
   cos_all = float(np.vdot(skip, exact)) / (norm(skip) * norm(exact))
   cos_img = [float(np.vdot(a, b)) / (norm(a) * norm(b)) for a, b in zip(skip, exact)]
-  print(f"\n|dL/dz0| {norm(skip):.3e}  |dL/deps| {norm(exact):.3e}  |eps0| {norm(eps0):.3e}\n"
-        f"cosine(dL/dz0, dL/deps) = {cos_all:.4f} over the batch; per image {np.round(cos_img, 4)}\n"
+  print(f"\n|dL/du| {norm(skip):.3e}  |(dz0/deps)^T dL/du| {norm(exact):.3e}  |eps0| {norm(eps0):.3e}\n"
+        f"cosine(skip, exact) = {cos_all:.4f} over the batch; per image {np.round(cos_img, 4)}\n"
+        f"<exact, d> / scaling_factor = {analytic:.5f}; central difference of L along d = {numeric:.5f}\n"
         f"loss it1 {np.round(out['skip']['losses'][0], 3)}\nloss it2 skip  {np.round(out['skip']['losses'][1], 3)} "
         f"(mean {out['skip']['losses'][1].mean():.3f})\nloss it2 exact {np.round(out['exact']['losses'][1], 3)} "
         f"(mean {out['exact']['losses'][1].mean():.3f})")
   assert np.isfinite(skip).all() and np.isfinite(exact).all()
   assert norm(skip) > 0 and norm(exact) > 0
   assert all(-1.0 - 1e-6 <= c <= 1.0 + 1e-6 for c in cos_img + [cos_all])
+  np.testing.assert_allclose(analytic, numeric, rtol=5e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The whole refinement loop against the official procedure, iteration by iteration.
+
+# The official setting at the tiny pipeline's size. The ResNet-50 transforms keep their form (resize the
+# shorter side, centre crop, normalize) at the 32 px decode's scale: resize 36, crop 32. With resize 232 /
+# crop 224 the 32 px images are upsampled 7x, so many more ReLU units sit near zero, and the official
+# loop's own update changes by up to 1.9e-4 in norm when its decoder input moves by float noise (2e-6
+# relative; measured); at 36 / 32 that floor is about 1e-6, so a 1e-4 comparison means something.
+OFFICIAL = dict(batch=2, iterations=3, step_size=10.0, target=-5.0, classes=1000, resize=36, crop=32)
+
+
+def official_loop(pipe, resnet_model, z_in, eps, masked, prompts, iterations, step_size, target, steps=20,
+                  strength=0.6, guidance=8.0, resize=232, crop=224, teacher=None):
+  """`generate_near_ood_sample.py`'s loop in PyTorch, on diffusers' StableDiffusionInpaintPipeline (which
+  agrees with the official modified pipeline given identical latents). Per iteration: restart from
+  add_noise(z_in, eps, t0); sample to z0 without gradient; u = z0 / scaling_factor (or the latents_mean /
+  latents_std form) becomes the leaf; x = clamp(D(u) / 2 + 0.5); ResNet-50 transforms (resize 232,
+  crop 224, normalize); s = mean(g) - logsumexp(g); L = mean_batch((m - s)^2); eps <- eps - r dL/du.
+
+  z_in, eps, masked: NCHW tensors (posterior-sampled source latents, noise, 4-channel masked-image
+  latents). teacher: an optional list of eps to start each iteration from (teacher forcing).
+  Returns per iteration {'eps': eps fed in, 'update': r dL/du, 'scores': s, 'images': x}.
+  """
+  b, _, h, w = z_in.shape
+  image = h * pipe.vae_scale_factor
+  like = dict(device=z_in.device, dtype=z_in.dtype)
+  pipe.scheduler.set_timesteps(steps, device=z_in.device)
+  timesteps, _ = pipe.get_timesteps(steps, strength, z_in.device)
+  cfg = pipe.vae.config
+  out = []
+  for i in range(iterations):
+    if teacher is not None:
+      eps = teacher[i]
+    noise_latents = pipe.scheduler.add_noise(z_in, eps, timesteps[:1])
+    with torch.no_grad():
+      latents = pipe(prompt=prompts, image=torch.zeros(b, 3, image, image, **like),
+                     mask_image=torch.ones(b, 1, image, image, **like), masked_image_latents=masked,
+                     latents=noise_latents, guidance_scale=guidance, num_inference_steps=steps, strength=strength,
+                     output_type="latent", height=image, width=image).images
+      if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+        mean = torch.tensor(cfg.latents_mean, **like).view(1, 4, 1, 1)
+        std = torch.tensor(cfg.latents_std, **like).view(1, 4, 1, 1)
+        latents = latents * std / cfg.scaling_factor + mean
+      else:
+        latents = latents / cfg.scaling_factor
+    with torch.enable_grad():
+      latents.requires_grad_(True)
+      x = (pipe.vae.decode(latents, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
+      # resized in float32 (a no-op cast at float32; CPU torch has no half-precision antialiased resize)
+      logits = resnet_model(_torch_preprocess(x.float(), resize, crop).to(x.dtype))
+      s = logits.mean(1) - torch.logsumexp(logits, dim=1)
+      loss = torch.pow(target - s, 2).mean()
+      loss.backward()
+    update = latents.grad * step_size
+    out.append(dict(eps=eps, update=update, scores=s.detach(), images=x.detach()))
+    eps = eps - update
+  return out
+
+
+@pytest.fixture(scope="module")
+def official_world(world):
+  """The tiny SD folder in diffusers, a tiny 1000-class torchvision-layout ResNet, and the injected tensors:
+  z_in sampled from the torch VAE posterior of two sources, eps, and the masked-image latents."""
+  b = OFFICIAL["batch"]
+  torch.manual_seed(0)
+  pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(world["sd"], safety_checker=None,
+                                                                   requires_safety_checker=False)
+  pipe.set_progress_bar_config(disable=True)
+  model = _random_resnet(RESNET["layers"], RESNET["width"], OFFICIAL["classes"], seed=1)
+  path = str(world["root"] / "resnet1000.pth")
+  torch.save(model.state_dict(), path)
+  module, rparams = resnet.load_resnet(path, layers=RESNET["layers"], width=RESNET["width"],
+                                       num_classes=OFFICIAL["classes"])
+  recs = world["recs"][:b]
+  sources_nhwc = np.stack([synthesis.load_source_image(os.path.join(world["src"], r["path"]), IMAGE) for r in recs])
+  gen = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    z_in = pipe.vae.encode(_t(sources_nhwc)).latent_dist.sample(gen) * pipe.vae.config.scaling_factor
+    eps = torch.randn(z_in.shape, generator=gen)
+  ours_pipe, ours_params = world["pipe"], world["params"]
+  masked = np.asarray(synthesis.masked_image_latents(ours_pipe, ours_params["vae"], IMAGE))
+  masked = np.broadcast_to(masked, (b,) + masked.shape[1:]).copy()
+  prompts = [world["prompts"][r["path"]] for r in recs]
+  logits_fn, _ = guidance.resnet50(module, rparams, resize=OFFICIAL["resize"], crop=OFFICIAL["crop"])
+  traces = []
+
+  def counted_logits_fn(p, x):  # runs once per trace of a program (per iteration in it)
+    traces.append(1)
+    return logits_fn(p, x)
+
+  return dict(pipe=pipe, model=model, module=module, rparams=rparams, z_in=z_in, eps=eps, masked=masked,
+              prompts=prompts, logits_fn=counted_logits_fn, traces=traces)
+
+
+def _t(x_nhwc):
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(x_nhwc, np.float32).transpose(0, 3, 1, 2)))
+
+
+def _n(t_nchw):
+  return t_nchw.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def official_vs_ours(world, ow, kind):
+  """Runs the official loop (free, which is also the teacher sequence) and ours teacher-forced
+  (K = 2 from each official eps_i: the first update and score) and free-running (K iterations).
+  Returns the per-iteration rows and the free-run scores of both sides."""
+  import diffusers as d
+  tpipe = ow["pipe"]
+  tpipe.scheduler = {"pndm": d.PNDMScheduler, "ddim": d.DDIMScheduler}[kind].from_config(tpipe.scheduler.config)
+  pipe, params = (world["pipe"], world["params"]) if kind == "pndm" else \
+      pipeline.load_inpaint_pipeline(world["sd"], scheduler=kind)
+  K, r, m, b = OFFICIAL["iterations"], OFFICIAL["step_size"], OFFICIAL["target"], OFFICIAL["batch"]
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # the official loop amplifies float noise; one thread keeps it reproducible
+  try:
+    ref = official_loop(tpipe, ow["model"], ow["z_in"], ow["eps"], _t(ow["masked"]), ow["prompts"], K, r, m,
+                        resize=OFFICIAL["resize"], crop=OFFICIAL["crop"])
+  finally:
+    torch.set_num_threads(threads)
+  params = dict(params, classifier=ow["rparams"])
+  first = jnp.int32(inpaint.start_index(pipe.scheduler, 20, 0.6))
+  prompt_ids, neg = jnp.asarray(pipe.tokenize(ow["prompts"])), jnp.asarray(pipe.tokenize([""]))
+  z_in, masked = jnp.asarray(_n(ow["z_in"])), jnp.asarray(ow["masked"])
+
+  def ours(iterations, eps):
+    fn = _refine_fn(pipe, refinement.RefineConfig(iterations=iterations), ow["logits_fn"])
+    _, scores, _, eps_out, _ = fn(params, z_in, jnp.asarray(eps), prompt_ids, neg, masked, first, jnp.float32(8.0),
+                               refinement.Hyper.make(r, m, b))
+    return np.asarray(scores), np.asarray(eps_out)
+
+  rows = []
+  for i, it in enumerate(ref):
+    eps_i = _n(it["eps"])
+    scores, eps_out = ours(2, eps_i)
+    upd, upd_ref = eps_i - eps_out, _n(it["update"])
+    ratio = np.linalg.norm(upd.reshape(b, -1), axis=1) / np.linalg.norm(upd_ref.reshape(b, -1), axis=1)
+    cos = np.sum(upd.reshape(b, -1) * upd_ref.reshape(b, -1), 1) / (
+        np.linalg.norm(upd.reshape(b, -1), axis=1) * np.linalg.norm(upd_ref.reshape(b, -1), axis=1))
+    s_ref = it["scores"].numpy()
+    rows.append(dict(iteration=i + 1, ratio=ratio, one_minus_cos=1 - cos, scores=scores[0], scores_ref=s_ref,
+                     score_rel=np.abs(scores[0] - s_ref) / np.abs(s_ref)))
+  free, _ = ours(K, _n(ow["eps"]))
+  free_ref = np.stack([it["scores"].numpy() for it in ref])
+  return rows, free, free_ref
+
+
+@functools.lru_cache(maxsize=None)
+def _refine_fn(pipe, cfg, logits_fn):
+  return jax.jit(functools.partial(synthesis.refine_batch, pipe, cfg, 20, None, logits_fn))
+
+
+def format_rows(kind, rows, free, free_ref) -> str:
+  lines = [f"{kind}: iteration | |ours|/|official| update (per image) | 1 - cos | s ours | s official | s rel err"]
+  for r in rows:
+    lines.append(f"  {r['iteration']} | {' '.join(f'{v:.6f}' for v in r['ratio'])} | "
+                 f"{' '.join(f'{v:.1e}' for v in r['one_minus_cos'])} | {' '.join(f'{v:.5f}' for v in r['scores'])} | "
+                 f"{' '.join(f'{v:.5f}' for v in r['scores_ref'])} | {r['score_rel'].max():.1e}")
+  err = np.abs(free - free_ref) / np.abs(free_ref)
+  lines.append(f"  free run: s ours {np.round(free, 5).tolist()} official {np.round(free_ref, 5).tolist()}; "
+               f"max rel err {err.max():.1e}")
+  return "\n".join(lines)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "pndm"])
+def test_refinement_equals_official_procedure(world, official_world, kind):
+  """Same z_in, eps and masked latents on both sides, reference_batch = the official batch. Teacher
+  forcing: each iteration starts both sides from the official eps; the update ours/official has ratio
+  1 and direction 1 within 1e-4, the scores agree to 1e-4 relative; the free run's scores to 1e-3."""
+  rows, free, free_ref = official_vs_ours(world, official_world, kind)
+  print("\n" + format_rows(kind, rows, free, free_ref))
+  for r in rows:
+    assert np.all(np.abs(r["ratio"] - 1) <= 1e-4), r
+    assert np.all(r["one_minus_cos"] <= 1e-4), r
+    assert np.all(r["score_rel"] <= 1e-4), r
+  # the comparison is not vacuous: the updates move the scores
+  assert np.abs(free_ref[-1] - free_ref[0]).max() > 1e-3
+  np.testing.assert_allclose(free, free_ref, rtol=1e-3)
+
+
+def test_new_step_size_target_or_reference_batch_reuse_the_program(world, official_world):
+  """r, m and the reference batch are traced: other values run the same compiled program (no trace)
+  and give other results."""
+  pipe, params = world["pipe"], dict(world["params"], classifier=official_world["rparams"])
+  fn = _refine_fn(pipe, refinement.RefineConfig(iterations=2), official_world["logits_fn"])
+  z = lambda x: jnp.asarray(_n(x))
+  args = (params, z(official_world["z_in"]), z(official_world["eps"]), jnp.asarray(pipe.tokenize(official_world["prompts"])),
+          jnp.asarray(pipe.tokenize([""])), jnp.asarray(official_world["masked"]),
+          jnp.int32(inpaint.start_index(pipe.scheduler, 20, 0.6)), jnp.float32(8.0))
+  first = fn(*args, refinement.Hyper.make(10.0, -5.0, 2))
+  traces = len(official_world["traces"])
+  others = [fn(*args, refinement.Hyper.make(*h)) for h in ((30.0, -5.0, 2), (10.0, -7.0, 2), (10.0, -5.0, 1))]
+  assert len(official_world["traces"]) == traces
+  for other in others:
+    assert not np.allclose(np.asarray(other[3]), np.asarray(first[3]))
+  # the update is linear in r / reference_batch: r = 30 moves eps 3x as far as r = 10, batch 1 2x
+  eps0 = np.asarray(args[2])
+  step = lambda out: eps0 - np.asarray(out[3])
+  np.testing.assert_allclose(step(others[0]), 3 * step(first), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(step(others[2]), 2 * step(first), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="reference_batch must be >= 1"):
+    refinement.Hyper.make(reference_batch=0)
+
+
+def test_decoder_input_with_latent_statistics():
+  """The official script's branch for VAEs whose config has latents_mean / latents_std."""
+  z = np.random.default_rng(0).standard_normal((2, 3, 3, 4)).astype(np.float32)
+  mean, std = (0.1, -0.2, 0.3, 0.0), (0.5, 1.5, 2.0, 1.0)
+  got = np.asarray(inpaint.decoder_input(jnp.asarray(z), 0.5, mean, std))
+  np.testing.assert_allclose(got, z * np.asarray(std) / 0.5 + np.asarray(mean), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(inpaint.decoder_input(jnp.asarray(z), 0.5)), z / 0.5, rtol=1e-6)
+  from synood_jax.models import vae as vae_lib
+  cfg = vae_lib.VAEConfig.from_dict(dict(vae_lib.TINY_VAE_CONFIG, latents_mean=list(mean), latents_std=list(std)))
+  assert cfg.latents_mean == mean and cfg.latents_std == std
+  with pytest.raises(ValueError, match="latents_std has 3 values"):
+    vae_lib.VAEConfig.from_dict(dict(vae_lib.TINY_VAE_CONFIG, latents_mean=list(mean), latents_std=[1, 2, 3]),
+                                source="vae/config.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Output formats, and outputs of another procedure are refused, never resumed.
+
+def test_jpeg_outputs_and_another_procedure_is_refused(world, runs):
+  """JPEG outputs are PIL's quality-75 encoding of the pixels the PNG run wrote; a rerun with another
+  output-determining field, or a folder from before procedure versions, is refused with the reason."""
+  import io
+  import shutil
+  recs = world["recs"][:BATCH]
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  prompts = [world["prompts"][r["path"]] for r in recs]
+  out_dir = str(world["root"] / "jpeg")
+  run = lambda cfg, d=out_dir: synthesis.synthesize(cfg, d, world["pipe"], world["params"], world["logits_fn"],
+                                                    world["src"], recs, prompts, mesh)
+  made = run(_config(image_format="jpeg"))
+  png_dir, png_man = runs["one"]
+  for m in made:
+    assert m["output"].endswith("_ood.JPEG")
+    buf = io.BytesIO()
+    Image.fromarray(_png(png_dir, png_man[m["source"]]).astype(np.uint8)).save(buf, format="JPEG", quality=75)
+    with open(os.path.join(out_dir, m["output"]), "rb") as f:
+      assert f.read() == buf.getvalue(), m["output"]
+  with open(os.path.join(out_dir, "procedure.json")) as f:
+    recorded = json.load(f)
+  assert recorded["version"] == synthesis.PROCEDURE_VERSION and recorded["config"]["image_format"] == "jpeg"
+  assert run(_config(image_format="jpeg")) == made  # same procedure: resumed (nothing left to do)
+  with pytest.raises(synthesis.StaleSynthesisError, match=r"jpeg.*config.synthesis.step_size: 55.0 -> 10.0"):
+    run(_config(image_format="jpeg", step_size=10.0))
+  old = str(world["root"] / "old_version")
+  shutil.copytree(out_dir, old)
+  os.remove(os.path.join(old, "procedure.json"))
+  with pytest.raises(synthesis.StaleSynthesisError, match=r"old_version: manifest.jsonl lists images but there is "
+                                                          r"no procedure.json"):
+    run(_config(image_format="jpeg"), old)
+  recorded["version"] = 1
+  with open(os.path.join(old, "procedure.json"), "w") as f:
+    json.dump(recorded, f)
+  with pytest.raises(synthesis.StaleSynthesisError, match=rf"version: 1 -> {synthesis.PROCEDURE_VERSION}"):
+    run(_config(image_format="jpeg"), old)

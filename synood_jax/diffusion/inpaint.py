@@ -90,16 +90,32 @@ def sample_latents(unet_module, scheduler, unet_params, latents, prompt_embeds, 
   return latents
 
 
-def decode_images(vae_fn, vae_params, latents, scaling_factor: float, chunk: int | None = None):
-  """Images in [0, 1] from scaled latents: clip(D(z / scale) / 2 + 0.5); decode `chunk` rows at a
-  time (lax.map) so a large batch does not run out of memory in the VAE decoder."""
+def decoder_input(latents, scaling_factor: float, latents_mean=None, latents_std=None):
+  """The VAE decoder's input u from scaled latents z: u = z / scaling_factor, or
+  u = z * latents_std / scaling_factor + latents_mean for a VAE whose config has latent statistics
+  (diffusers' convention, and the variable the official SynOOD script differentiates)."""
+  if latents_mean is None or latents_std is None:
+    return latents / scaling_factor
+  mean = jnp.asarray(latents_mean, jnp.float32)
+  std = jnp.asarray(latents_std, jnp.float32)
+  return latents * std / scaling_factor + mean
+
+
+def decode_unscaled(vae_fn, vae_params, u, chunk: int | None = None):
+  """Images in [0, 1] from decoder inputs u: clip(D(u) / 2 + 0.5); decode `chunk` rows at a time
+  (lax.map) so a large batch does not run out of memory in the VAE decoder."""
   def one(z):
-    return jnp.clip(vae_fn(vae_params, z / scaling_factor).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-  b = latents.shape[0]
+    return jnp.clip(vae_fn(vae_params, z).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+  b = u.shape[0]
   if chunk and chunk < b and b % chunk:
     raise ValueError(f"decode_chunk={chunk} does not divide the batch of {b} latents; choose a divisor "
                      "of synthesis.batch_size (or 0 to decode the whole batch at once)")
   if not chunk or chunk >= b:
-    return one(latents)
-  out = jax.lax.map(one, latents.reshape((b // chunk, chunk) + latents.shape[1:]))
+    return one(u)
+  out = jax.lax.map(one, u.reshape((b // chunk, chunk) + u.shape[1:]))
   return out.reshape((b,) + out.shape[2:])
+
+
+def decode_images(vae_fn, vae_params, latents, scaling_factor: float, chunk: int | None = None):
+  """Images in [0, 1] from scaled latents: clip(D(z / scale) / 2 + 0.5)."""
+  return decode_unscaled(vae_fn, vae_params, decoder_input(latents, scaling_factor), chunk)

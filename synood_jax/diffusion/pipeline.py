@@ -41,7 +41,7 @@ class InpaintPipeline:
   Calling it runs `inpaint(self, params, ...)`."""
   unet: Any
   vae: Any
-  text: Any            # a CLIP bundle of the text tower (params held apart, in params['text'])
+  text: Any            # a CLIP bundle of the text tower, without params (they travel in params['text'])
   scheduler: Any
   scaling_factor: float
   folder: str
@@ -96,10 +96,13 @@ def load_inpaint_pipeline(folder: str, dtype=jnp.float32, scheduler: str | None 
   sample_size = checkpoint_io.read_config(os.path.join(folder, "unet")).get("sample_size", 64)
   if isinstance(sample_size, (list, tuple)):
     sample_size = sample_size[0]
+  # The bundle keeps no params of its own: once the caller shards params['text'], no unsharded copy
+  # stays alive beside them.
+  text, text_params = dataclasses.replace(text, params=None), text.params
   pipe = InpaintPipeline(unet=unet_module, vae=vae_module, text=text, scheduler=sched,
                          scaling_factor=float(vae_module.cfg.scaling_factor), folder=folder,
                          sample_size=int(sample_size))
-  return pipe, {"unet": unet_params, "vae": vae_params, "text": text.params}
+  return pipe, {"unet": unet_params, "vae": vae_params, "text": text_params}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -54,24 +55,99 @@ def weight_files(folder: str) -> list[str]:
   raise CheckpointError(f"{folder}: no weight file (looked for {', '.join(WEIGHT_FILES)} and shard indexes)")
 
 
-def load_state_dict(folder: str) -> tuple[dict[str, np.ndarray], str]:
-  """PyTorch state dict of a folder as float32 numpy arrays, and the file(s) it came from."""
+def load_state_dict(folder: str) -> tuple[Mapping[str, np.ndarray], str]:
+  """PyTorch state dict of a folder, and the file(s) it came from. Lazy: each tensor is read from its
+  file (as float32 numpy if floating) only when asked for, so a converter that places one leaf at a
+  time never holds the whole checkpoint on the host."""
   files = weight_files(folder)
-  state: dict[str, np.ndarray] = {}
+  parts: list[Mapping[str, np.ndarray]] = []
   for path in files:
-    if path.endswith(".safetensors"):
-      from safetensors.numpy import load_file
-      try:
-        part = load_file(path)
-      except TypeError:  # bfloat16 has no numpy dtype: go through torch if it is there
-        part = _load_torch(path, safetensors=True)
-    else:
-      part = _load_torch(path, safetensors=False)
-    state.update(part)
-  return state, ", ".join(files)
+    parts.append(SafetensorsFile(path) if path.endswith(".safetensors") else _TorchFile(path))
+  return LazyStateDict(parts), ", ".join(files)
 
 
-def _load_torch(path: str, safetensors: bool) -> dict[str, np.ndarray]:
+class LazyStateDict(Mapping):
+  """Keys of several weight files (a later file wins a repeated key); values read on access."""
+
+  def __init__(self, parts: Iterable[Mapping[str, np.ndarray]]):
+    self._where = {k: part for part in parts for k in part}
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    return self._where[key][key]
+
+  def __iter__(self):
+    return iter(self._where)
+
+  def __len__(self) -> int:
+    return len(self._where)
+
+
+# safetensors dtype names -> numpy (bfloat16 is widened to float32 by hand: numpy has no bfloat16).
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
+
+
+class SafetensorsFile(Mapping):
+  """The tensors of one .safetensors file, each read with a plain file read when asked for (no mmap:
+  mapped pages would count against the process until the whole file had been touched).
+
+  Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then
+  the raw little-endian data. Floating tensors come back as float32, others as stored.
+  """
+
+  def __init__(self, path: str):
+    try:
+      with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+      raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    for key, info in header.items():
+      if info.get("dtype") not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+    self.path, self._start, self._header = path, 8 + n, header
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    info = self._header[key]
+    begin, end = info["data_offsets"]
+    out = np.empty(info["shape"], _SAFETENSORS_DTYPES[info["dtype"]])
+    if out.nbytes != end - begin:
+      raise CheckpointError(f"{self.path}: tensor {key!r} has {end - begin} bytes for shape {info['shape']} "
+                            f"{info['dtype']}")
+    with open(self.path, "rb") as f:
+      f.seek(self._start + begin)
+      if f.readinto(memoryview(out.reshape(-1)).cast("B")) != out.nbytes:
+        raise CheckpointError(f"{self.path}: truncated at tensor {key!r}")
+    if info["dtype"] == "BF16":
+      return (out.astype(np.uint32) << 16).view(np.float32)
+    return out.astype(np.float32) if out.dtype.kind == "f" and out.dtype != np.float32 else out
+
+  def __iter__(self):
+    return iter(self._header)
+
+  def __len__(self) -> int:
+    return len(self._header)
+
+
+class _TorchFile(Mapping):
+  """A torch pickle (.bin / .pth) loaded memory-mapped; each tensor converted to numpy when asked for."""
+
+  def __init__(self, path: str):
+    self._sd = _torch_state_dict(path)
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    return _tensor_to_numpy(self._sd[key])
+
+  def __iter__(self):
+    return iter(self._sd)
+
+  def __len__(self) -> int:
+    return len(self._sd)
+
+
+def _torch_state_dict(path: str, safetensors: bool = False):
   try:
     import torch
   except ImportError as e:
@@ -79,12 +155,22 @@ def _load_torch(path: str, safetensors: bool) -> dict[str, np.ndarray]:
                           "or convert it to float32 safetensors") from e
   if safetensors:
     from safetensors.torch import load_file
-    sd = load_file(path)
-  else:
+    return load_file(path)
+  try:
+    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+  except RuntimeError:  # old (non-zip) pickles cannot be memory-mapped
     sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-      sd = sd["state_dict"]
-  return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+  if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+    sd = sd["state_dict"]
+  return sd
+
+
+def _tensor_to_numpy(v) -> np.ndarray:
+  return v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+
+
+def _load_torch(path: str, safetensors: bool) -> dict[str, np.ndarray]:
+  return {k: _tensor_to_numpy(v) for k, v in _torch_state_dict(path, safetensors).items()}
 
 
 def save_state_dict(folder: str, state: Mapping[str, np.ndarray], name: str = "model.safetensors") -> str:
@@ -165,12 +251,15 @@ _WEIGHT_LEAVES = ("kernel", "scale", "embedding", "weight")
 
 
 def state_dict_to_params(state: Mapping[str, np.ndarray], expected: Mapping, source: str,
-                         rename: Callable[[str], str | None] = lambda k: k) -> dict:
+                         rename: Callable[[str], str | None] = lambda k: k,
+                         place: Callable[[tuple, np.ndarray], Any] = lambda path, x: x) -> dict:
   """Convert a PyTorch state dict to the Flax param tree whose shapes `expected` gives.
 
   `rename(torch_key)` maps a key to the torch-style key of our module tree, or None to drop it
   (buffers such as position ids). Missing keys, extra keys and shape mismatches raise a
-  `CheckpointError` naming `source`, the key and the shapes.
+  `CheckpointError` naming `source`, the key and the shapes. Leaf by leaf, each converted array goes
+  to `place(flax_path, array)` (e.g. onto a device) before the next is read, so with a lazy `state`
+  the host holds one tensor at a time beside what is placed.
   """
   want = _flatten(expected)
   got: dict[tuple, np.ndarray] = {}
@@ -186,12 +275,16 @@ def state_dict_to_params(state: Mapping[str, np.ndarray], expected: Mapping, sou
     if target is None:
       extra.append(key)
       continue
+    torch_shape = np.shape(value)
     value = _to_flax_layout(target[-1], np.asarray(value))
     shape = tuple(want[target].shape)
     if value.shape != shape:
-      raise CheckpointError(f"{source}: weight {key!r} has shape {tuple(np.shape(state[key]))}, "
+      raise CheckpointError(f"{source}: weight {key!r} has shape {tuple(torch_shape)}, "
                             f"the model config expects {shape} (as Flax {'/'.join(target)})")
-    got[target] = value.astype(np.dtype(want[target].dtype)) if hasattr(want[target], "dtype") else value
+    if hasattr(want[target], "dtype"):
+      value = value.astype(np.dtype(want[target].dtype), copy=False)
+    got[target] = place(target, value)
+    del value
   missing = sorted("/".join(p) for p in want if p not in got)
   if extra:
     raise CheckpointError(f"{source}: unexpected weight keys not used by the model: {sorted(extra)[:10]}"

@@ -394,10 +394,12 @@ class CLIPBundle:
 
   # Bound conveniences over self.params.
   def image_features(self, images_nhwc):
-    return _jit_encode_image(self, self.params, images_nhwc)
+    self._need("vision")
+    return _jit_encode_image(self.module, self.params, images_nhwc)
 
   def text_features(self, token_ids):
-    return _jit_encode_text(self, self.params, token_ids)
+    self._need("text")
+    return _jit_encode_text(self.module, self.params, jnp.asarray(token_ids, jnp.int32))
 
   @property
   def tokenizer(self):
@@ -418,14 +420,16 @@ class CLIPBundle:
     return ids
 
 
+# Static on the module (its config, no weights), not the bundle: the jit cache must not keep a bundle's
+# params alive.
 @functools.partial(jax.jit, static_argnums=0)
-def _jit_encode_image(bundle, params, images):
-  return bundle.encode_image(params, images)
+def _jit_encode_image(module, params, images):
+  return module.apply({"params": params}, images, method=CLIP.encode_image)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _jit_encode_text(bundle, params, ids):
-  return bundle.encode_text(params, ids)
+def _jit_encode_text(module, params, ids):
+  return module.apply({"params": params}, ids, method=CLIP.encode_text)
 
 
 def _dummy_inputs(config: CLIPConfig):
@@ -482,8 +486,8 @@ def from_pretrained(path: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | 
   state, source = checkpoint_io.load_state_dict(path)
   config = dataclasses.replace(config, projection=_has_projection(hf, state))
   module = CLIP(config, dtype=dtype, param_dtype=param_dtype or dtype)
-  params = checkpoint_io.state_dict_to_params(state, abstract_params(module), source, rename=_renamer(config))
-  params = jax.tree_util.tree_map(jnp.asarray, params)
+  params = checkpoint_io.state_dict_to_params(state, abstract_params(module), source, rename=_renamer(config),
+                                              place=lambda path, x: jnp.asarray(x))
   if tokenizer_path is not None and not has_tokenizer(tokenizer_path):
     raise CheckpointError(f"{tokenizer_path}: no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
   folder = tokenizer_path or path

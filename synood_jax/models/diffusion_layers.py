@@ -26,9 +26,10 @@ def load_folder(folder: str, subfolder, build, param_shapes, dtype, rename=lambd
     folder = os.path.join(folder, subfolder)
   config = checkpoint_io.read_config(folder)
   module = build(config, dtype, source=os.path.join(folder, "config.json"))
-  state, source = checkpoint_io.load_state_dict(folder)
-  params = checkpoint_io.state_dict_to_params(state, param_shapes(module), source, rename=rename)
-  return module, jax.tree_util.tree_map(jnp.asarray, params)
+  state, source = checkpoint_io.load_state_dict(folder)  # lazy: read, converted and placed leaf by leaf
+  params = checkpoint_io.state_dict_to_params(state, param_shapes(module), source, rename=rename,
+                                              place=lambda path, x: jnp.asarray(x))
+  return module, params
 
 
 def save_folder(folder: str, config: dict, params, class_name: str, literal=frozenset()) -> None:

@@ -31,8 +31,7 @@ TINY_VAE_CONFIG = {
     "scaling_factor": 0.18215,
 }
 
-_FIXED = {"act_fn": ("silu", "swish"), "shift_factor": (None,), "latents_mean": (None,),
-          "latents_std": (None,)}
+_FIXED = {"act_fn": ("silu", "swish"), "shift_factor": (None,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +46,9 @@ class VAEConfig:
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   mid_block_add_attention: bool = True
+  # Per-channel latent statistics (some VAEs): the decoder's input is z * std / scaling_factor + mean.
+  latents_mean: tuple | None = None
+  latents_std: tuple | None = None
 
   @classmethod
   def from_dict(cls, cfg: dict, source: str = "config") -> "VAEConfig":
@@ -63,7 +65,19 @@ class VAEConfig:
                scaling_factor=float(cfg.get("scaling_factor", 0.18215)),
                use_quant_conv=bool(cfg.get("use_quant_conv", True)),
                use_post_quant_conv=bool(cfg.get("use_post_quant_conv", True)),
-               mid_block_add_attention=bool(cfg.get("mid_block_add_attention", True)))
+               mid_block_add_attention=bool(cfg.get("mid_block_add_attention", True)),
+               latents_mean=_stats(cfg, "latents_mean", source),
+               latents_std=_stats(cfg, "latents_std", source))
+
+
+def _stats(cfg: dict, key: str, source: str) -> tuple | None:
+  value = cfg.get(key)
+  if value is None:
+    return None
+  n = int(cfg.get("latent_channels", 4))
+  if len(value) != n:
+    raise ValueError(f"{source}: {key} has {len(value)} values, expected latent_channels = {n}")
+  return tuple(float(v) for v in value)
 
 
 class MidBlock(nn.Module):

@@ -22,19 +22,21 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
+# Static on the CLIP module (config only), not the bundle: the jit cache must not keep a bundle's params
+# alive after its caller is done with them.
 @functools.partial(jax.jit, static_argnums=0)
-def _text_features(bundle, params, ids):
-  return l2_normalize(bundle.encode_text(params, ids))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _image_features(bundle, params, images):
-  return l2_normalize(bundle.encode_image(params, images))
+def _text_features(module, params, ids):
+  return l2_normalize(module.apply({"params": params}, ids, method="encode_text"))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _raw_image_features(bundle, params, images):
-  return bundle.encode_image(params, images).astype(jnp.float32)
+def _image_features(module, params, images):
+  return l2_normalize(module.apply({"params": params}, images, method="encode_image"))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _raw_image_features(module, params, images):
+  return module.apply({"params": params}, images, method="encode_image").astype(jnp.float32)
 
 
 def _batched(fn, bundle, params, x: np.ndarray, batch_size: int, mesh: Mesh | None,
@@ -54,7 +56,7 @@ def _batched(fn, bundle, params, x: np.ndarray, batch_size: int, mesh: Mesh | No
     chunk, n = parallel.pad_batch(x[start:start + batch_size], batch_size)
     chunk = (parallel.global_batch(chunk[parallel.process_rows(batch_size)], mesh) if mesh is not None
              else jnp.asarray(chunk))
-    out.append(parallel.to_host(fn(bundle, params, chunk))[:n])
+    out.append(parallel.to_host(fn(bundle.module, params, chunk))[:n])
     if progress is not None and start == 0:
       progress.restart(done=n)  # the first batch compiled: the pace counts from its end
     elif progress is not None:

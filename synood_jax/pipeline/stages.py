@@ -223,6 +223,7 @@ def stage_synthesis(ctx: Context) -> dict:
                                   class_index=ctx.class_index(root["val"]).index).records
     info["heldout"] = _synthesize(ctx, [dataclasses.asdict(r) for r in held], root["val"],
                                   ctx.wd.synthesis_heldout)
+  ctx.__dict__.pop("synthesis_models", None)  # the later stages need no UNet, VAE or their params
   return info
 
 
@@ -397,7 +398,7 @@ CONSUMES: dict[str, tuple[str, ...]] = {
     "report": ("models", "sources", "synthesis", "stage2", "stage3", "evaluate"),
 }
 # Bumped when a stage's code changes its results (so older outputs are not reused).
-VERSIONS = {"synthesis": 2}  # 2: per-image health status
+VERSIONS = {"synthesis": synthesis.PROCEDURE_VERSION}  # its history: synthesize.PROCEDURE_VERSION
 # Fields that change speed or logging only, never a result.
 NOT_RESULTS = ("synthesis.batch_size", "synthesis.decode_chunk", "synthesis.log_every_secs", "synthesis.max_not_ok",
                "stage2.checkpoint_every", "stage2.max_to_keep", "stage2.progress_every_secs",

@@ -1,7 +1,13 @@
 """Boundary refinement of the in-painting noise (SynOOD stage 1, the energy-gradient loop).
 
-s = mean(g) - logsumexp(g);  L = (m - s)^2;  eps <- eps - r * dL/dz0   (skip gradient, official)
-                                              eps <- eps - r * dL/deps  (exact, through the sampler)
+s = mean(g) - logsumexp(g);  L = sum_b (m - s_b)^2 / B_ref;  u = z0 / scaling_factor (the decoder's input)
+  eps <- eps - r * dL/du                   (skip gradient: the official update)
+  eps <- eps - r * (dz0/deps)^T dL/du      (exact: the skip's identity replaced by the sampler's Jacobian)
+
+The official script divides the sampled latents by the VAE's scaling factor *before* it asks for their
+gradient, so its update is dL/du = scaling_factor * dL/dz0; `r` here has the official meaning (r = 10
+reproduces the paper). The exact mode pulls the same dL/du back through the sampler, so the two modes
+differ only by that Jacobian.
 
 One jitted program per batch runs all K iterations: restart from add_noise(z_in, eps, t0), sample to z0,
 decode, classify, update eps. Every function here is pure over explicit param pytrees; the models come
@@ -12,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from synood_jax.synthesis import health
 
@@ -26,7 +34,7 @@ def boundary_score(logits: jax.Array) -> jax.Array:
   return jnp.mean(logits, axis=-1) - jax.nn.logsumexp(logits, axis=-1)
 
 
-def boundary_loss(logits: jax.Array, kind: str = "squared", target: float = -5.0) -> jax.Array:
+def boundary_loss(logits: jax.Array, kind: str = "squared", target=-5.0) -> jax.Array:
   """Per-image loss: 'squared' (m - s)^2 (official); 'hinge' relu(m - s)^2 (pushes s up to m while
   the image is more in-distribution than the boundary, leaves it alone beyond); 'msp_kl'
   KL(uniform || softmax(g)) = -log C - s, which pulls toward uniform.
@@ -46,15 +54,10 @@ def boundary_loss(logits: jax.Array, kind: str = "squared", target: float = -5.0
 
 @dataclasses.dataclass(frozen=True)
 class RefineConfig:
+  """What shapes the program: new values compile a new one."""
   iterations: int = 3          # K
-  step_size: float = 10.0      # r
-  target: float = -5.0         # m
   loss: str = "squared"
   grad_mode: str = "skip"
-  # The official loss is a mean over its batch, so its step shrinks with the batch size. We take each
-  # image's own loss (results do not depend on batch composition); reference_batch = B reproduces
-  # an official run with batch B.
-  reference_batch: int = 1
 
   def __post_init__(self):
     if self.loss not in LOSSES:
@@ -65,24 +68,43 @@ class RefineConfig:
       raise ValueError(f"refinement.iterations must be >= 1, got {self.iterations}")
 
 
-def image_loss(cfg: RefineConfig, decode_fn: Callable, logits_fn: Callable, params, z0):
-  """(sum over the batch of per-image losses, (per-image losses, scores)) of clean latents z0."""
-  logits = logits_fn(params, decode_fn(params, z0))
-  per_image = boundary_loss(logits, cfg.loss, cfg.target)
+@flax.struct.dataclass
+class Hyper:
+  """The refinement's scalars, traced like guidance and strength: an ablation sweep over them reuses
+  one compiled program. The official loss is a mean over its batch, so its step shrinks with the batch
+  size; we sum each image's own loss (results do not depend on batch composition) and weight it by
+  1 / reference_batch, so reference_batch = B gives every image the step of an official batch of B."""
+  step_size: jax.Array          # r
+  target: jax.Array             # m
+  reference_batch: jax.Array
+
+  @classmethod
+  def make(cls, step_size: float = 10.0, target: float = -5.0, reference_batch: float = 1) -> "Hyper":
+    if not reference_batch >= 1:
+      raise ValueError(f"refinement.reference_batch must be >= 1, got {reference_batch}")
+    # A non-finite r or m is not refused here: the images it spoils are marked `nonfinite` (health.py).
+    return cls(*(np.float32(v) for v in (step_size, target, reference_batch)))
+
+
+def image_loss(cfg: RefineConfig, hyper: Hyper, decode_fn: Callable, logits_fn: Callable, params, u):
+  """(sum over the batch of per-image losses, (per-image losses, scores)) of decoder inputs u."""
+  logits = logits_fn(params, decode_fn(params, u))
+  per_image = boundary_loss(logits, cfg.loss, hyper.target)
   return jnp.sum(per_image), (per_image, boundary_score(logits))
 
 
-def skip_gradient(cfg: RefineConfig, decode_fn: Callable, logits_fn: Callable, params, z0):
-  """dL/dz0 (the official update direction), with the per-image losses and scores."""
+def skip_gradient(cfg: RefineConfig, hyper: Hyper, decode_fn: Callable, logits_fn: Callable, params, u):
+  """dL/du at the decoder's input u (the official update direction), with per-image losses and scores."""
   (_, (loss, s)), grad = jax.value_and_grad(
-      lambda z: image_loss(cfg, decode_fn, logits_fn, params, z), has_aux=True)(z0)
+      lambda x: image_loss(cfg, hyper, decode_fn, logits_fn, params, x), has_aux=True)(u)
   return grad, loss, s
 
 
-def refine(cfg: RefineConfig,
+def refine(cfg: RefineConfig, hyper: Hyper,
            noise_fn: Callable,    # eps -> z_t = add_noise(z_in, eps, t0)
-           sample_fn: Callable,   # (params, z_t) -> z0
-           decode_fn: Callable,   # (params, z0) -> images in [0, 1], NHWC
+           sample_fn: Callable,   # (params, z_t) -> z0 (scaled latents)
+           input_fn: Callable,    # z0 -> u, the decoder's input (z0 / scaling_factor)
+           decode_fn: Callable,   # (params, u) -> images in [0, 1], NHWC
            logits_fn: Callable,   # (params, images) -> logits [B, C]
            params, eps: jax.Array):
   """K refinement iterations. Returns (images of the last iteration, scores [K, B], losses [K, B], eps,
@@ -90,25 +112,29 @@ def refine(cfg: RefineConfig,
 
   The update after the last iteration is never used (the official code computes it anyway), so it
   is skipped. An image whose update is non-finite keeps its last finite eps; steps_finite marks it.
+  The K - 1 updates are unrolled: inside the while loop a rolled lax.scan becomes, XLA:CPU runs the
+  gradient's transposed convolutions (kernel layout 01oi) on its generic convolution thunk instead of
+  the YNNPACK fusions it uses for them outside loops, which made the whole program about 1.5x slower
+  (profiled; README, "Synthesis speed").
   """
-  scale = cfg.step_size / cfg.reference_batch
+  scale = hyper.step_size / hyper.reference_batch
 
   def iteration(carry, _):
     eps, finite = carry
     if cfg.grad_mode == "skip":
       z0 = jax.lax.stop_gradient(sample_fn(params, noise_fn(eps)))
-      grad, loss, s = skip_gradient(cfg, decode_fn, logits_fn, params, z0)
+      grad, loss, s = skip_gradient(cfg, hyper, decode_fn, logits_fn, params, input_fn(z0))
     else:
-      (_, (loss, s)), grad = jax.value_and_grad(
-          lambda e: image_loss(cfg, decode_fn, logits_fn, params, sample_fn(params, noise_fn(e))),
-          has_aux=True)(eps)
+      z0, pullback = jax.vjp(lambda e: sample_fn(params, noise_fn(e)), eps)
+      grad_u, loss, s = skip_gradient(cfg, hyper, decode_fn, logits_fn, params, input_fn(z0))
+      (grad,) = pullback(grad_u.astype(z0.dtype))
     eps, ok = health.finite_step(eps, eps - scale * grad.astype(eps.dtype))
     return (eps, finite & ok), (loss, s)
 
   (eps, finite), (losses, scores) = jax.lax.scan(
-      iteration, (eps, jnp.ones(eps.shape[:1], bool)), None, length=cfg.iterations - 1)
-  images = decode_fn(params, sample_fn(params, noise_fn(eps)))
+      iteration, (eps, jnp.ones(eps.shape[:1], bool)), None, length=cfg.iterations - 1, unroll=True)
+  images = decode_fn(params, input_fn(sample_fn(params, noise_fn(eps))))
   logits = logits_fn(params, images)
-  last_loss = boundary_loss(logits, cfg.loss, cfg.target)[None]
+  last_loss = boundary_loss(logits, cfg.loss, hyper.target)[None]
   last_score = boundary_score(logits)[None]
   return (images, jnp.concatenate([scores, last_score]), jnp.concatenate([losses, last_loss]), eps, finite)

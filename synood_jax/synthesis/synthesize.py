@@ -1,13 +1,16 @@
-"""Near-boundary OOD synthesis (SynOOD stage 1): sources -> in-painting + boundary refinement -> PNGs.
+"""Near-boundary OOD synthesis (SynOOD stage 1): sources -> in-painting + boundary refinement -> images.
 
-x_syn = D(z0),  z0 = Sampler(add_noise(E(x), eps_K, t0), "A photo only remain {context}.")
+x_syn = D(z0 / scaling_factor),  z0 = Sampler(add_noise(E(x), eps_K, t0), "A photo only remain {context}.")
 
-Writes `<out>/<class>/<name>_ood.png` and `<out>/manifest.jsonl`. Resumable: a PNG is written atomically
-before its manifest line, a rerun skips sources with both, and the finished manifest is rewritten in
-source order, so a run killed at any moment and rerun equals an uninterrupted one. Each image's noise
-comes from (seed, source id), never from its place in a batch, so the device count and batch
-composition do not change the result. Several processes share the work (`synthesize`); a run killed
-with one process count resumes with another, since the resume state is the union of every manifest.
+Writes `<out>/<class>/<name>_ood.JPEG` (PIL quality 75, as the official script) or `_ood.png`,
+`<out>/manifest.jsonl` and `<out>/procedure.json`. Resumable: an image is written atomically before its
+manifest line, a rerun skips sources with both, and the finished manifest is rewritten in source order,
+so a run killed at any moment and rerun equals an uninterrupted one. A folder written by another
+procedure (another `PROCEDURE_VERSION` or other output-determining fields) is refused, never resumed.
+Each image's noise comes from (seed, source id), never from its place in a batch, so the device count
+and batch composition do not change the result. Several processes share the work (`synthesize`); a run
+killed with one process count resumes with another, since the resume state is the union of every
+manifest.
 Each record has a health `status` (`health.py`: ok, nonfinite, degenerate, in_distribution); the run
 stops with the counts and the likely cause once too many images cannot be ok. An unreadable source is
 skipped with a warning naming it.
@@ -18,6 +21,7 @@ import functools
 import json
 import os
 import zlib
+from concurrent import futures
 from typing import Callable, Sequence
 
 import jax
@@ -25,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from PIL import Image
+
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from synood_jax import fileio, parallel, runtime
 from synood_jax.jsonl import read_jsonl
@@ -39,9 +45,14 @@ def source_id(relpath: str) -> int:
   return zlib.crc32(relpath.replace(os.sep, "/").encode()) & 0x7FFFFFFF
 
 
-def output_relpath(record: dict) -> str:
+# Output files: extension and PIL save arguments. The official script saves `{name}_ood.JPEG` with PIL's
+# default JPEG settings (quality 75, 4:2:0 chroma subsampling).
+IMAGE_FORMATS = {"jpeg": ".JPEG", "png": ".png"}
+
+
+def output_relpath(record: dict, image_format: str = "png") -> str:
   stem = os.path.splitext(os.path.basename(record["path"]))[0]
-  return os.path.join(record["class_name"], f"{stem}_ood.png")
+  return os.path.join(record["class_name"], f"{stem}_ood{IMAGE_FORMATS[image_format]}")
 
 
 def load_source_image(path: str, size: int) -> np.ndarray:
@@ -68,29 +79,31 @@ def _load_images(chunk: Sequence[tuple[dict, str]], root: str, size: int):
 # ---------------------------------------------------------------------------------------------
 # The jitted per-batch program.
 
-def synthesize_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
-                     logits_fn: Callable, params: dict, images: jax.Array, ids: jax.Array,
-                     prompt_ids: jax.Array, negative_ids: jax.Array, masked_latents: jax.Array,
-                     first_index: jax.Array, guidance_scale: jax.Array, seed: jax.Array):
-  """All K refinement iterations for one batch. params: {'unet','vae','text','classifier'}.
-
-  `steps` (the scheduler table length) is static; the strength cut `first_index` and the guidance
-  scale are traced. Each image's posterior sample and noise come from (seed, its source id).
-  """
+def draw_inputs(pipe, vae_params, images: jax.Array, ids: jax.Array, seed: jax.Array):
+  """(z_in, eps): each image's posterior sample of its source, scaled, and its noise, both from
+  (seed, source id)."""
   key = jax.random.key(seed)
   keys = jax.vmap(lambda i: (jax.random.fold_in(jax.random.fold_in(key, 0), i),
                              jax.random.fold_in(jax.random.fold_in(key, 1), i)))
   k_src, k_eps = keys(ids)
-  mean, logvar = pipe.vae_encode(params["vae"], images)
+  mean, logvar = pipe.vae_encode(vae_params, images)
   mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
   z_in = jax.vmap(vae_lib.vae_sample)(mean, logvar, k_src) * pipe.scaling_factor
   eps = jax.vmap(lambda k: jax.random.normal(k, z_in.shape[1:], jnp.float32))(k_eps)
+  return z_in, eps
 
+
+def refine_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
+                 logits_fn: Callable, params: dict, z_in: jax.Array, eps: jax.Array, prompt_ids: jax.Array,
+                 negative_ids: jax.Array, masked_latents: jax.Array, first_index: jax.Array,
+                 guidance_scale: jax.Array, hyper: refinement.Hyper):
+  """All K refinement iterations from given source latents z_in and noise eps (`refinement.refine`)."""
   cond = pipe.text_hidden(params["text"], prompt_ids)
   uncond = jnp.broadcast_to(pipe.text_hidden(params["text"], negative_ids), cond.shape)
   mask = jnp.ones(z_in.shape[:-1] + (1,), jnp.float32)
   masked = jnp.broadcast_to(masked_latents, z_in.shape)
   t0 = jnp.asarray(inpaint.timestep_table(pipe.scheduler, steps))[first_index]
+  vae_cfg = pipe.vae.cfg
 
   def noise_fn(e):
     return schedulers.add_noise(pipe.scheduler, z_in, e, jnp.full((e.shape[0],), t0))
@@ -100,21 +113,58 @@ def synthesize_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, deco
                                   guidance_scale, steps, first_index, image_latents=z_in, noise=z_t,
                                   remat=refine_cfg.grad_mode == "exact")
 
-  def decode_fn(p, z0):
-    return inpaint.decode_images(pipe.vae_decode, p["vae"], z0, pipe.scaling_factor, decode_chunk)
+  def input_fn(z0):
+    return inpaint.decoder_input(z0, pipe.scaling_factor, vae_cfg.latents_mean, vae_cfg.latents_std)
+
+  def decode_fn(p, u):
+    return inpaint.decode_unscaled(pipe.vae_decode, p["vae"], u, decode_chunk)
 
   def classify(p, x):
     return logits_fn(p["classifier"], x)
 
-  return refinement.refine(refine_cfg, noise_fn, sample_fn, decode_fn, classify, params, eps)
+  return refinement.refine(refine_cfg, hyper, noise_fn, sample_fn, input_fn, decode_fn, classify, params, eps)
 
 
-@functools.lru_cache(maxsize=8)
-def jitted_batch_fn(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
-                    logits_fn: Callable):
-  """One jitted `synthesize_batch` per (pipeline, refinement, steps, chunk, classifier): calls for
-  several source sets (or a resumed run in the same process) reuse its compiled program."""
-  return jax.jit(functools.partial(synthesize_batch, pipe, refine_cfg, steps, decode_chunk, logits_fn))
+def synthesize_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
+                     logits_fn: Callable, params: dict, images: jax.Array, ids: jax.Array,
+                     prompt_ids: jax.Array, negative_ids: jax.Array, masked_latents: jax.Array,
+                     first_index: jax.Array, guidance_scale: jax.Array, hyper: refinement.Hyper,
+                     seed: jax.Array):
+  """All K refinement iterations for one batch. params: {'unet','vae','text','classifier'}.
+
+  `steps` (the scheduler table length) and `refine_cfg` are static; the strength cut `first_index`,
+  the guidance scale and the refinement scalars `hyper` (r, m, reference batch) are traced. Each
+  image's posterior sample and noise come from (seed, its source id).
+  """
+  z_in, eps = draw_inputs(pipe, params["vae"], images, ids, seed)
+  return refine_batch(pipe, refine_cfg, steps, decode_chunk, logits_fn, params, z_in, eps, prompt_ids,
+                      negative_ids, masked_latents, first_index, guidance_scale, hyper)
+
+
+def batch_program(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
+                  logits_fn: Callable, mesh, param_shardings):
+  """`synthesize_batch` jitted with explicit shardings: params as `param_shardings` say, the batch
+  (images, source ids, prompt ids) split over every device, the rest replicated; out: images and eps
+  split on the batch, scores and losses [K, B] split on B, steps_finite [B] split. The source images are donated: they are
+  rebuilt for every batch and have the output images' shape, so XLA may write the outputs there."""
+  rep = parallel.replicated(mesh)
+  rows = lambda ndim: parallel.batch_sharding(mesh, ndim)
+  per_iteration = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+  fn = functools.partial(synthesize_batch, pipe, refine_cfg, steps, decode_chunk, logits_fn)
+  return jax.jit(fn, in_shardings=(param_shardings, rows(4), rows(1), rows(2), rep, rep, rep, rep, rep, rep),
+                 out_shardings=(rows(4), per_iteration, per_iteration, rows(4), rows(1)), donate_argnums=(1,))
+
+
+def place_params(params, mesh):
+  """(params placed by `parallel.param_shardings`, those shardings). Leaves already placed so (the
+  pipeline's, sharded once at load) are kept as they are: no second copy."""
+  shardings = parallel.param_shardings(params, mesh)
+
+  def one(x, s):
+    placed = isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim)
+    return x if placed else jax.device_put(x, s)
+
+  return jax.tree_util.tree_map(one, params, shardings), shardings
 
 
 def masked_image_latents(pipe, vae_params, size: int) -> jax.Array:
@@ -122,9 +172,16 @@ def masked_image_latents(pipe, vae_params, size: int) -> jax.Array:
 
   The official pipeline samples this posterior on every call; the mean is its deterministic choice.
   """
+  return _masked_image_latents(pipe.vae, pipe.scaling_factor, size, vae_params)
+
+
+# Jitted (op by op, the VAE encoder took seconds of a cold start); static on the VAE module and numbers
+# only, so the jit cache holds no pipeline or params.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _masked_image_latents(vae_module, scaling_factor: float, size: int, vae_params):
   zeros = jnp.zeros((1, size, size, 3), jnp.float32)
-  mean, _ = pipe.vae_encode(vae_params, zeros)
-  return mean.astype(jnp.float32) * pipe.scaling_factor
+  mean, _ = vae_module.apply({"params": vae_params}, zeros, method=vae_module.encode)
+  return mean.astype(jnp.float32) * scaling_factor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +202,56 @@ def _process_manifests(out_dir: str) -> list[str]:
   """Every per-process manifest in out_dir: also those of an earlier run with another process count."""
   names = fileio.path(out_dir).glob("manifest.*.jsonl") if fileio.exists(out_dir) else []
   return sorted(os.path.join(out_dir, p.name) for p in names)
+
+
+# ---------------------------------------------------------------------------------------------
+# The procedure an output folder was written with.
+
+# Bump when the same config gives other images (the pipeline's stage fingerprint uses it too).
+# 2: per-image health status. 3: the update is dL/du at the decoder's input (issue 15); before, dL/dz0,
+# a 1/scaling_factor = 5.49x larger step.
+PROCEDURE_VERSION = 3
+# config.synthesis fields that change an image (batch size, decode chunk and logging do not).
+OUTPUT_FIELDS = ("seed", "image_size", "steps", "strength", "guidance_scale", "scheduler", "iterations",
+                 "step_size", "target", "loss", "grad_mode", "reference_batch", "classifier",
+                 "clip_logit_scale", "resnet_path", "image_format", "jpeg_quality")
+
+
+class StaleSynthesisError(ValueError):
+  """An output folder holds images of another synthesis procedure; the message names what differs."""
+
+
+def procedure(config, pipe) -> dict:
+  """What determines this run's images: the procedure version, the output fields of config, the
+  scheduler actually used and the networks' dtype."""
+  fields = {k: config.get(k) for k in OUTPUT_FIELDS if k in config}
+  fields.setdefault("image_format", "png")
+  out = {"version": PROCEDURE_VERSION, "scheduler_kind": pipe.scheduler.kind,
+         "dtype": jnp.dtype(pipe.unet.dtype).name, "config": fields}
+  return json.loads(json.dumps(out, sort_keys=True))
+
+
+def check_procedure(out_dir: str, expected: dict, manifest_path: str) -> None:
+  """Record `expected` in out_dir/procedure.json, or refuse a folder written by another procedure."""
+  path = os.path.join(out_dir, "procedure.json")
+  if fileio.exists(path):
+    found = json.loads(fileio.path(path).read_text())
+    if found != expected:
+      diff = [f"{k}: {found.get(k)!r} -> {expected.get(k)!r}" for k in sorted(set(found) | set(expected))
+              if k != "config" and found.get(k) != expected.get(k)]
+      fc, ec = found.get("config", {}), expected["config"]
+      diff += [f"config.synthesis.{k}: {fc.get(k)!r} -> {ec.get(k)!r}" for k in sorted(set(fc) | set(ec))
+               if fc.get(k) != ec.get(k)]
+      raise StaleSynthesisError(
+          f"{out_dir}: its images were synthesized by another procedure ({'; '.join(diff)}). "
+          "Delete the folder (or use another workdir) to synthesize them again.")
+    return
+  if read_manifest(manifest_path):
+    raise StaleSynthesisError(
+        f"{out_dir}: {os.path.basename(manifest_path)} lists images but there is no procedure.json: they "
+        "were written before procedure versions were recorded (refinement step 5.49x the official one). "
+        "Delete the folder (or use another workdir) to synthesize them again.")
+  fileio.atomic_write(path, json.dumps(expected, indent=1, sort_keys=True))
 
 
 def consolidate(out_dir: str, order: Sequence[str], check_outputs: bool = False) -> dict[str, dict]:
@@ -169,8 +276,10 @@ def consolidate(out_dir: str, order: Sequence[str], check_outputs: bool = False)
   return records
 
 
-def _write_png(pixels: np.ndarray, path: str) -> None:
-  fileio.atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"), per_process=True)
+def _write_image(pixels: np.ndarray, path: str, image_format: str, jpeg_quality: int) -> None:
+  """A synthetic image, atomically, by the process that made it (PIL JPEG at `jpeg_quality`, or PNG)."""
+  options = {"format": "JPEG", "quality": int(jpeg_quality)} if image_format == "jpeg" else {"format": "PNG"}
+  fileio.atomic_write(path, lambda f: Image.fromarray(pixels).save(f, **options), per_process=True)
 
 
 def _global_counts(statuses) -> dict[str, int]:
@@ -183,22 +292,110 @@ def _global_counts(statuses) -> dict[str, int]:
   return c
 
 
+def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source_root, mesh, todo, filler,
+                 n_batches, progress, monitor):
+  """Synthesize this process's `todo` sources in n_batches batches (its `local_batch` rows of each global
+  batch), writing each image, then its line in this process's manifest. `filler` stands in (a blank image)
+  for a process with fewer (or no readable) sources left, so that it takes part in every collective step. The host overlaps the device: while batch b runs, one thread reads batch b + 1,
+  the main thread judges batch b - 1 (health, collectively across processes) and another thread
+  writes it."""
+  local_batch = config.batch_size // jax.process_count()
+  image_format = config.get("image_format", "png")
+  refine_cfg = refinement.RefineConfig(iterations=config.iterations, loss=config.loss, grad_mode=config.grad_mode)
+  hyper = refinement.Hyper.make(config.step_size, config.target, config.get("reference_batch", 1))
+  first_index = np.int32(inpaint.start_index(pipe.scheduler, config.steps, config.strength))
+  params, shardings = place_params(params, mesh)
+  negative_ids = jnp.asarray(pipe.tokenize([""]))
+  masked = masked_image_latents(pipe, params["vae"], config.image_size)
+  step_fn = batch_program(pipe, refine_cfg, config.steps, config.get("decode_chunk") or None, logits_fn, mesh,
+                          shardings)
+  consts = (negative_ids, masked, first_index, np.float32(config.guidance_scale), hyper, np.uint32(config.seed))
+  offset = jax.process_index() * local_batch if jax.process_count() > 1 else 0
+
+  def load(b):
+    """Host side of batch b: its readable (record, prompt) rows and padded source images, ids, prompt ids."""
+    images, chunk = _load_images(todo[b * local_batch:(b + 1) * local_batch], source_root, config.image_size)
+    n_real = len(chunk)
+    if n_real == 0:  # an idle process (or a batch of unreadable files) takes part with a dummy row
+      chunk, images = [filler], [np.zeros((config.image_size, config.image_size, 3), np.float32)]
+    ids = np.array([source_id(r["path"]) for r, _ in chunk], np.int32)
+    prompt_ids = np.asarray(pipe.tokenize([p for _, p in chunk]))
+    arrays = tuple(parallel.pad_batch(x, local_batch)[0] for x in (np.stack(images), ids, prompt_ids))
+    return chunk[:n_real], arrays
+
+  def write(rows, ids, out, scores, losses, statuses, manifest):
+    """Each image file, then its manifest line (the order resuming relies on)."""
+    for j, (rec, prompt) in enumerate(rows):
+      pixels = np.round(np.nan_to_num(out[offset + j]) * 255).astype(np.uint8)
+      s = [float(v) for v in scores[:, offset + j]]
+      entry = {"source": rec["path"], "class_name": rec["class_name"], "class_index": rec["class_index"],
+               "output": output_relpath(rec, image_format), "prompt": prompt, "seed": int(config.seed),
+               "source_id": int(ids[j]), "scores": s, "losses": [float(v) for v in losses[:, offset + j]],
+               "in_band": abs(s[-1] - config.target) <= config.band,
+               "stayed_in_distribution": s[-1] < config.target - config.band, "status": statuses[j]}
+      _write_image(pixels, os.path.join(out_dir, entry["output"]), image_format, config.get("jpeg_quality", 75))
+      manifest.write(json.dumps(entry, sort_keys=True) + "\n")
+    manifest.flush()  # on an object store: the manifest so far, once a batch
+    progress.update(len(rows), extra=", ".join(f"{k} {v}" for k, v in health.counts(statuses).items() if v))
+
+  with fileio.LineLog(manifest_path, per_process=jax.process_count() > 1) as manifest, \
+       futures.ThreadPoolExecutor(1, "synthesis-load") as loader, \
+       futures.ThreadPoolExecutor(1, "synthesis-write") as writer:
+    written = None
+
+    def finish(rows, ids, outputs):
+      nonlocal written
+      out, scores, losses, _, steps_finite = parallel.to_host(outputs)
+      mine_rows = slice(offset, offset + len(rows))
+      statuses = health.classify_batch(out[mine_rows], scores[:, mine_rows], steps_finite[mine_rows],
+                                       target=config.target, band=config.band,
+                                       min_pixel_std=config.get("min_pixel_std", 0.01))
+      if written is not None:
+        written.result()  # surfaces a failed write; keeps at most one batch being written
+      written = writer.submit(write, rows, ids, out, scores, losses, statuses, manifest)
+      monitor.add(statuses)
+      monitor.check(c=_global_counts(monitor.statuses))
+
+    next_batch, pending = loader.submit(load, 0), None
+    for b in range(n_batches):
+      rows, (images, ids, prompt_ids) = next_batch.result()
+      if b + 1 < n_batches:
+        next_batch = loader.submit(load, b + 1)
+      args = (params, *parallel.global_batch((images, ids, prompt_ids), mesh), *consts)
+      if b == 0:  # compile once, timed apart from the run; every batch has these shapes
+        step_fn = runtime.compile_ahead(step_fn, *args, what="synthesis: compile")
+        progress.restart()  # items/s and the ETA count from here, not from before the compile
+      outputs = step_fn(*args)  # dispatched: the device runs it while the host finishes the batch before
+      if pending is not None:
+        finish(*pending)
+      pending = (rows, ids, outputs)
+    finish(*pending)
+    written.result()
+
+
 def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, source_root: str,
                sources: Sequence[dict], prompts: Sequence[str], mesh) -> list[dict]:
   """Synthesize one image per source (with prompt) into out_dir; returns every source's manifest record
   (all processes', in source order).
 
-  config: image_size, steps, strength, guidance_scale, seed, batch_size (global), band, and the
-  refinement fields iterations, step_size, target, loss, grad_mode, reference_batch.
+  config: image_size, steps, strength, guidance_scale, seed, batch_size (global), band, the
+  refinement fields iterations, step_size, target, loss, grad_mode, reference_batch, and the output
+  format image_format ('jpeg' or 'png'; default 'png') and jpeg_quality.
 
-  Every process runs this with the same sources. Process 0 first folds what earlier (maybe killed)
-  runs left into manifest.jsonl; then the sources not in it are dealt round-robin to the processes,
-  each writes its own PNGs and appends to its own manifest.<process>.jsonl, and process 0 merges them.
+  Every process runs this with the same sources. Process 0 first checks that out_dir holds images of
+  this procedure and folds what earlier (maybe killed) runs left into manifest.jsonl; then the sources
+  not in it are dealt round-robin to the processes, each writes its own images and appends to its own
+  manifest.<process>.jsonl, and process 0 merges them.
   """
   nproc, me = jax.process_count(), jax.process_index()
+  image_format = config.get("image_format", "png")
+  if image_format not in IMAGE_FORMATS:
+    raise ValueError(f"config.synthesis.image_format: {image_format!r} is not one of {sorted(IMAGE_FORMATS)}")
   order = [r["path"] for r in sources]
   manifest_path = os.path.join(out_dir, "manifest.jsonl")
   if fileio.is_writer():
+    fileio.makedirs(out_dir)
+    check_procedure(out_dir, procedure(config, pipe), manifest_path)
     consolidate(out_dir, order, check_outputs=True)
   runtime.barrier(f"synthesis {out_dir}: resume state merged")
   done = read_manifest(manifest_path)
@@ -221,8 +418,9 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
   n_batches = -(-(-(-len(todo) // nproc)) // local_batch)
   if n_batches:
     own_manifest = manifest_path if nproc == 1 else process_manifest(out_dir, me)
-    _synthesize_batches(config, out_dir, pipe, params, logits_fn, source_root, mine, todo[0], local_batch,
-                        n_batches, own_manifest, monitor, mesh)
+    progress = Progress(total=len(mine), name="synthesis", unit="img", every_secs=config.get("log_every_secs", 30))
+    _run_batches(config, out_dir, own_manifest, pipe, params, logits_fn, source_root, mesh, mine, todo[0],
+                 n_batches, progress, monitor)
   runtime.barrier(f"synthesis {out_dir}: every process finished")
   if fileio.is_writer():
     consolidate(out_dir, order)
@@ -230,58 +428,3 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
   monitor.check(final=True, c=_global_counts(monitor.statuses))  # also when a rerun had nothing to do
   merged = read_manifest(manifest_path)
   return [merged[s] for s in order if s in merged]
-
-
-def _synthesize_batches(config, out_dir: str, pipe, params: dict, logits_fn: Callable, source_root: str,
-                        mine: Sequence[tuple[dict, str]], filler: tuple[dict, str], local_batch: int,
-                        n_batches: int, own_manifest: str, monitor: health.Monitor, mesh) -> None:
-  """This process's sources, `local_batch` rows of each global batch; `filler` stands in (a blank
-  image) for a process with fewer (or no readable) sources left, so that it still takes part in
-  every collective step."""
-  refine_cfg = refinement.RefineConfig(
-      iterations=config.iterations, step_size=config.step_size, target=config.target,
-      loss=config.loss, grad_mode=config.grad_mode, reference_batch=config.get("reference_batch", 1))
-  first_index = jnp.int32(inpaint.start_index(pipe.scheduler, config.steps, config.strength))
-  negative_ids = jnp.asarray(pipe.tokenize([""]))
-  masked = masked_image_latents(pipe, params["vae"], config.image_size)
-  step_fn = jitted_batch_fn(pipe, refine_cfg, config.steps, config.get("decode_chunk") or None, logits_fn)
-  progress = Progress(total=len(mine), name="synthesis", unit="img", every_secs=config.get("log_every_secs", 30))
-  offset = jax.process_index() * local_batch  # this process's rows of the global batch (parallel.make_mesh)
-  with fileio.LineLog(own_manifest, per_process=jax.process_count() > 1) as manifest:
-    for b in range(n_batches):
-      images, chunk = _load_images(mine[b * local_batch:(b + 1) * local_batch], source_root, config.image_size)
-      n_real = len(chunk)
-      if n_real == 0:
-        chunk, images = [filler], [np.zeros((config.image_size, config.image_size, 3), np.float32)]
-      images = np.stack(images)
-      ids = np.array([source_id(r["path"]) for r, _ in chunk], np.int32)
-      prompt_ids = np.asarray(pipe.tokenize([p for _, p in chunk]))
-      (images, _), (ids, _), (prompt_ids, _) = (parallel.pad_batch(x, local_batch)
-                                                for x in (images, ids, prompt_ids))
-      batch = parallel.global_batch((images, ids, prompt_ids), mesh)
-      args = (params, *batch, negative_ids, masked, first_index, jnp.float32(config.guidance_scale),
-              jnp.uint32(config.seed))
-      if b == 0:  # compile once, timed apart from the run; every batch has these shapes
-        step_fn = runtime.compile_ahead(step_fn, *args, what="synthesis: compile")
-        progress.restart()  # items/s and the ETA count from here, not from before the compile
-      out, scores, losses, _, steps_finite = step_fn(*args)
-      out, scores, losses, steps_finite = parallel.to_host((out, scores, losses, steps_finite))
-      rows = slice(offset, offset + n_real)
-      statuses = health.classify_batch(out[rows], scores[:, rows], steps_finite[rows], target=config.target,
-                                       band=config.band, min_pixel_std=config.get("min_pixel_std", 0.01))
-      for j in range(n_real):
-        rec, prompt = chunk[j]
-        row = offset + j
-        pixels = np.round(np.nan_to_num(out[row]) * 255).astype(np.uint8)
-        s = [float(v) for v in scores[:, row]]
-        entry = {"source": rec["path"], "class_name": rec["class_name"], "class_index": rec["class_index"],
-                 "output": output_relpath(rec), "prompt": prompt, "seed": int(config.seed),
-                 "source_id": int(ids[j]), "scores": s, "losses": [float(v) for v in losses[:, row]],
-                 "in_band": abs(s[-1] - config.target) <= config.band,
-                 "stayed_in_distribution": s[-1] < config.target - config.band, "status": statuses[j]}
-        _write_png(pixels, os.path.join(out_dir, entry["output"]))  # the PNG before its manifest line
-        manifest.write(json.dumps(entry, sort_keys=True) + "\n")
-      manifest.flush()  # on an object store: the manifest so far, once a batch
-      progress.update(n_real, extra=", ".join(f"{k} {v}" for k, v in health.counts(statuses).items() if v))
-      monitor.add(statuses)
-      monitor.check(c=_global_counts(monitor.statuses))
