@@ -2,6 +2,7 @@
 items/s, and libraries' INFO lines (orbax: about 750 of 825 lines of a demo run) are off by default."""
 import logging
 import os
+import types
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -38,7 +39,8 @@ def test_eta_starts_after_the_compile():
 def test_batched_encoding_reports_progress(caplog):
   x = np.arange(30, dtype=np.float32).reshape(30, 1)
   with caplog.at_level(logging.INFO):
-    out = zero_shot._batched(lambda b, p, v: v * 2, None, {}, x, 8, None, name="text encoder: 30 prompts")
+    bundle = types.SimpleNamespace(module=None)  # the stand-in encoder below needs no model
+    out = zero_shot._batched(lambda m, p, v: v * 2, bundle, {}, x, 8, None, name="text encoder: 30 prompts")
   np.testing.assert_array_equal(out, x * 2)
   lines = [r.getMessage() for r in caplog.records if "text encoder" in r.getMessage()]
   assert lines and lines[-1].startswith("text encoder: 30 prompts: 30/30 (100.0%)") and "items/s" in lines[-1]

@@ -67,7 +67,7 @@ def _batched(fn, bundle, params, x: np.ndarray, batch_size: int, mesh: Mesh | No
 def encode_global_batch(bundle, params, images: jax.Array, mesh: Mesh, normalize: bool = True) -> jax.Array:
   """Image features of one global batch (`parallel.global_batch`), rows sharded as they came."""
   fn = _image_features if normalize else _raw_image_features
-  return fn(bundle, parallel.place_params(params, mesh), images)
+  return fn(bundle.module, parallel.place_params(params, mesh), images)
 
 
 def class_text_features(bundle, params, classnames: Sequence[str], templates: Sequence[str],

@@ -131,6 +131,13 @@ def _pyplot():
   return plt
 
 
+def _save(plt, fig, path: str, dpi: int) -> None:
+  """A finished figure as a PNG (written atomically by process 0), then freed."""
+  fig.tight_layout()
+  fileio.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+  plt.close(fig)
+
+
 def plot_roc(id_scores: Mapping[str, np.ndarray], ood_scores: Mapping[str, np.ndarray], path: str,
              title: str = "", convention: str = "id_positive") -> str:
   """One ROC plot: a curve per method. id_scores / ood_scores: method -> scores for one OOD set."""
@@ -149,9 +156,7 @@ def plot_roc(id_scores: Mapping[str, np.ndarray], ood_scores: Mapping[str, np.nd
   ax.set_ylim(0, 1.01)
   ax.set_title(title)
   ax.legend(loc="lower right", fontsize=8)
-  fig.tight_layout()
-  fileio.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-  plt.close(fig)
+  _save(plt, fig, path, dpi=120)
   return path
 
 
@@ -171,9 +176,7 @@ def plot_histograms(id_scores: np.ndarray, ood_scores: Mapping[str, np.ndarray],
   ax.set_ylabel("density")
   ax.set_title(title)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fileio.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-  plt.close(fig)
+  _save(plt, fig, path, dpi=120)
   return path
 
 
@@ -231,7 +234,5 @@ def plot_loss_curves(curves: Mapping[str, Sequence[Mapping]], path: str) -> str:
     ax.set_ylabel("cross-entropy")
     ax.set_title(name)
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  fileio.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-  plt.close(fig)
+  _save(plt, fig, path, dpi=110)
   return path
