@@ -15,6 +15,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(1, os.path.join(ROOT, "tests"))  # tests/torch_reference.py: the PyTorch references, no JAX
 
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
@@ -34,6 +35,11 @@ flags.DEFINE_integer("repeats", 2, "warm timed calls per side (median reported)"
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "our networks' dtype (latents, scheduler stay fp32)")
 flags.DEFINE_enum("torch_dtype", "float32", ["float32", "float16", "bfloat16"],
                   "diffusers' dtype (float16/bfloat16 are for a GPU)")
+flags.DEFINE_integer("iterations", 3, "K refinement iterations")
+flags.DEFINE_float("step_size", 10.0, "r")
+flags.DEFINE_float("target", -5.0, "m")
+flags.DEFINE_string("folder", "", "internal: the pipeline folder of a cold run")
+flags.DEFINE_string("resnet", "", "internal: the ResNet-50 state dict of a cold run")
 flags.DEFINE_string("pipeline", "", "an existing diffusers in-painting folder (e.g. SD-2-inpainting); empty: random tiny")
 flags.DEFINE_enum("preset", "", ["", "tiny", "small"], "model sizes (flags given on the command line win)")
 FLAGS = flags.FLAGS
@@ -52,19 +58,47 @@ def apply_preset() -> None:
       FLAGS[name].value = value
 
 
-HIGH_LOAD = 0.5  # 1-minute load average per core above which timings are flagged as not valid
+OTHER_CPU_LIMIT = 0.25  # cores busy with other processes during a timing, above which it is flagged
 
 
 def load_average() -> float:
   return os.getloadavg()[0]
 
 
-def load_warning(loads) -> str | None:
-  """A warning line when other work was running beside the timings (load per core > HIGH_LOAD)."""
-  worst, cores = max(loads), os.cpu_count() or 1
-  if worst / cores > HIGH_LOAD:
-    return (f"  WARNING: 1-minute load average reached {worst:.2f} on {cores} cores during these timings: "
-            f"other processes shared the CPU, so the ratios above are not valid measurements.")
+def _busy_seconds() -> float:
+  """CPU seconds spent by the whole machine (every process, every core) since boot, from /proc/stat."""
+  with open("/proc/stat") as f:
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+  return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+  """CPU seconds of this process and of the children it has waited for."""
+  t = os.times()
+  return t.user + t.system + t.children_user + t.children_system
+
+
+class OtherCpu:
+  """Measures, over a block, the cores kept busy by *other* processes (machine CPU time minus ours, over
+  the wall time). The 1-minute load average counts the benchmark's own threads, so on 2 cores it reads
+  about 2 even on an idle machine; this is the number that says whether the timing was shared."""
+
+  def __enter__(self):
+    self.start = (time.perf_counter(), _busy_seconds(), _own_seconds())
+    return self
+
+  def __exit__(self, *exc):
+    wall, busy, own = (b - a for a, b in zip(self.start, (time.perf_counter(), _busy_seconds(), _own_seconds())))
+    self.cores = max(0.0, (busy - own) / max(wall, 1e-9))
+    return False
+
+
+def load_warning(others) -> str | None:
+  """A warning line when other processes used the CPU during the timings."""
+  worst = max(others)
+  if worst > OTHER_CPU_LIMIT:
+    return (f"  WARNING: other processes kept {worst:.2f} cores busy during a timing (limit {OTHER_CPU_LIMIT}): "
+            f"the CPU was shared, so the ratios above are not valid measurements.")
   return None
 
 PROMPTS = ["a green meadow under a cloudy sky", "the sky over a city at night", "a wooden table with cups",
@@ -74,6 +108,17 @@ PROMPTS = ["a green meadow under a cloudy sky", "the sky over a city at night", 
 def prompts(n: int) -> list[str]:
   """The official prompt form, `"A photo only remain " + answer[:73] + "."`."""
   return ["A photo only remain " + PROMPTS[i % len(PROMPTS)][:73] + "." for i in range(n)]
+
+
+def synthesis_inputs(batch: int, image: int):
+  """A synthesis batch: source images NHWC in [-1, 1] and the official prompt form."""
+  sources = np.random.default_rng(0).uniform(-1, 1, (batch, image, image, 3)).astype(np.float32)
+  return sources, prompts(batch)
+
+
+def image_size() -> int:
+  """Pixels per side of the random pipeline the flags describe (latents x 2^(VAE levels - 1))."""
+  return FLAGS.latent_size * 2 ** (len(FLAGS.vae_channels) - 1)
 
 
 def torch_device():
@@ -213,28 +258,30 @@ def config_line(image: int) -> str:
 
 
 def timed(fn, sync_fn=None):
-  """(result, seconds) of one call; `sync_fn(result)` waits for asynchronous work."""
-  t0 = time.perf_counter()
-  out = fn()
-  if sync_fn is not None:
-    sync_fn(out)
-  return out, time.perf_counter() - t0
+  """(result, seconds, other processes' cores) of one call; `sync_fn(result)` waits for asynchronous work."""
+  with OtherCpu() as other:
+    t0 = time.perf_counter()
+    out = fn()
+    if sync_fn is not None:
+      sync_fn(out)
+    seconds = time.perf_counter() - t0
+  return out, seconds, other.cores
 
 
 def first_and_warm(sides, repeats: int):
   """sides: {name: (fn, sync_fn)}. Each side's first call, then `repeats` warm calls interleaved
   (a, b, a, b, ...) so that load from other processes hits both alike. Returns {name: (last result,
-  first-call s, median warm s, [warm s], {'first': load, 'warm': [load]})} with the 1-minute load
-  average read right after each call."""
+  first-call s, median warm s, [warm s], {'first': (load, other), 'warm': [(load, other)]})} with the
+  1-minute load average read right after each call and the cores other processes used during it."""
   first, warm, out, loads = {}, {k: [] for k in sides}, {}, {k: {"warm": []} for k in sides}
   for name, (fn, sync_fn) in sides.items():
-    out[name], first[name] = timed(fn, sync_fn)
-    loads[name]["first"] = load_average()
+    out[name], first[name], other = timed(fn, sync_fn)
+    loads[name]["first"] = (load_average(), other)
   for _ in range(repeats):
     for name, (fn, sync_fn) in sides.items():
-      out[name], t = timed(fn, sync_fn)
+      out[name], t, other = timed(fn, sync_fn)
       warm[name].append(t)
-      loads[name]["warm"].append(load_average())
+      loads[name]["warm"].append((load_average(), other))
   return {k: (out[k], first[k], statistics.median(warm[k]), warm[k], loads[k]) for k in sides}
 
 
@@ -242,9 +289,8 @@ def random_resnet50(path: str, seed: int = 0):
   """A random torchvision-layout ResNet-50 (1000 classes) saved as a state dict at `path`; returns the
   torch model (eval mode). The builder is the tests' (torchvision is not installed beside this torch)."""
   import torch
-  sys.path.insert(0, os.path.join(ROOT, "tests"))
-  from test_resnet import _random_resnet  # pylint: disable=import-outside-toplevel
-  model = _random_resnet((3, 4, 6, 3), 64, 1000, seed=seed)
+  from torch_reference import random_resnet  # pylint: disable=import-outside-toplevel
+  model = random_resnet((3, 4, 6, 3), 64, 1000, seed=seed)
   torch.save(model.state_dict(), path)
   return model
 

@@ -121,8 +121,9 @@ def main(argv):
   print(f"  max |ours - diffusers| {what}: {err:.2e} (scale {np.abs(ref).max():.2f}); "
         f"start latents z_t: {zt_diff:.1e}")
   loads = [t_loads["first"], o_loads["first"], *t_loads["warm"], *o_loads["warm"]]
-  print(f"  1-minute load average during the timings: {min(loads):.2f} - {max(loads):.2f}")
-  warning = common.load_warning(loads)
+  print(f"  1-minute load average during the timings: {min(l for l, _ in loads):.2f} - "
+        f"{max(l for l, _ in loads):.2f}; other processes' cores: {max(o for _, o in loads):.2f} at most")
+  warning = common.load_warning([o for _, o in loads])
   if warning:
     print(warning)
 

@@ -285,9 +285,3 @@ def timed(what: str):
   start = time.perf_counter()
   yield
   logging.info("%s took %.2f s", what, time.perf_counter() - start)
-
-
-def compile_ahead(jitted, *args, what: str = "compile", **kwargs):
-  """Lower and compile a jitted function for these arguments, logging compile time on its own."""
-  with timed(what):
-    return jitted.lower(*args, **kwargs).compile()

@@ -62,8 +62,9 @@ def _toy_refine(step_size, eps):
   real one, the models are hand-made so that the update is known."""
   w = jnp.asarray(np.random.default_rng(0).normal(size=(eps[0].size, 3)), jnp.float32)
   cfg, hyper = refinement.RefineConfig(iterations=3), refinement.Hyper.make(step_size, -1.5)
-  return refinement.refine(cfg, hyper, lambda e: e, lambda p, z: z, lambda z: z, lambda p, z: jax.nn.sigmoid(z),
-                           lambda p, x: x.reshape(x.shape[0], -1) @ w, {}, eps)
+  models = refinement.Models(noise=lambda e: e, sample=lambda p, z: z, input=lambda z: z,
+                             decode=lambda p, z: jax.nn.sigmoid(z), logits=lambda p, x: x.reshape(x.shape[0], -1) @ w)
+  return refinement.refine(cfg, hyper, models, {}, eps)
 
 
 def test_diverging_step_keeps_eps_and_marks_the_image():

@@ -16,85 +16,7 @@ from torch import nn
 
 from synood_jax.models.checkpoint_io import CheckpointError
 from synood_jax.models import resnet
-
-# ----------------------------------------------------------------------------------------------
-# Reference: torchvision.models.resnet (Bottleneck, v1.5), reduced to what the state dict needs.
-
-
-class TorchBottleneck(nn.Module):
-  expansion = 4
-
-  def __init__(self, inplanes, planes, stride=1, downsample=None):
-    super().__init__()
-    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-    self.bn3 = nn.BatchNorm2d(planes * 4)
-    self.relu = nn.ReLU(inplace=True)
-    self.downsample = downsample
-
-  def forward(self, x):
-    identity = x
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    if self.downsample is not None:
-      identity = self.downsample(x)
-    return self.relu(out + identity)
-
-
-class TorchResNet(nn.Module):
-
-  def __init__(self, layers=(3, 4, 6, 3), width=64, num_classes=1000):
-    super().__init__()
-    self.inplanes = width
-    self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
-    self.bn1 = nn.BatchNorm2d(width)
-    self.relu = nn.ReLU(inplace=True)
-    self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-    self.layer1 = self._make_layer(width, layers[0])
-    self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
-    self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
-    self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
-    self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-    self.fc = nn.Linear(width * 8 * 4, num_classes)
-
-  def _make_layer(self, planes, blocks, stride=1):
-    downsample = None
-    if stride != 1 or self.inplanes != planes * 4:
-      downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
-                                 nn.BatchNorm2d(planes * 4))
-    layers = [TorchBottleneck(self.inplanes, planes, stride, downsample)]
-    self.inplanes = planes * 4
-    layers += [TorchBottleneck(self.inplanes, planes) for _ in range(1, blocks)]
-    return nn.Sequential(*layers)
-
-  def forward(self, x):
-    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def _random_resnet(layers, width, num_classes, seed):
-  torch.manual_seed(seed)
-  model = TorchResNet(layers, width, num_classes)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, nn.Conv2d):
-        nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-      elif isinstance(m, nn.BatchNorm2d):
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.uniform_(-0.2, 0.2)
-        m.running_mean.uniform_(-0.2, 0.2)
-        m.running_var.uniform_(0.5, 2.0)
-        m.num_batches_tracked.fill_(7)
-    for block in model.modules():  # keep the residual stream from blowing up over 16 blocks
-      if isinstance(block, TorchBottleneck):
-        block.bn3.weight.mul_(0.3)
-  return model.eval()
-
+from torch_reference import TorchResNet, random_resnet, torch_preprocess
 
 # Known torchvision resnet50 keys (from torchvision's published state dict), spot-checked below.
 TORCHVISION_KEYS = ["conv1.weight", "bn1.running_var", "bn1.num_batches_tracked", "layer1.0.downsample.0.weight",
@@ -108,7 +30,7 @@ def case(request, tmp_path_factory):
     layers, width, classes, size, batch = (1, 1, 1, 1), 8, 10, 64, 2
   else:
     layers, width, classes, size, batch = (3, 4, 6, 3), 64, 1000, 64, 1
-  model = _random_resnet(layers, width, classes, seed=0)
+  model = random_resnet(layers, width, classes, seed=0)
   folder = tmp_path_factory.mktemp(request.param)
   sd = model.state_dict()
   torch.save(sd, folder / "resnet.pth")
@@ -165,10 +87,10 @@ def test_score_gradient_matches_torch(case):
   """d s / d image for s = mean(g) - logsumexp(g) through preprocessing and the classifier (SynOOD's loss)."""
   if case["name"] != "tiny":
     pytest.skip("one model is enough")
-  model = _random_resnet(case["layers"], case["width"], case["classes"], seed=0)
+  model = random_resnet(case["layers"], case["width"], case["classes"], seed=0)
   img = np.random.default_rng(3).uniform(size=(1, 3, 256, 256)).astype(np.float32)
   xt = torch.from_numpy(img).requires_grad_(True)
-  g = model(_torch_preprocess(xt))
+  g = model(torch_preprocess(xt))
   s = (g.mean(-1) - torch.logsumexp(g, -1)).sum()
   s.backward()
   ref_s, ref_grad = s.item(), xt.grad.numpy().transpose(0, 2, 3, 1)
@@ -238,20 +160,6 @@ ATOL_VS_FLOAT64 = 1e-6
 ATOL_VS_TORCH_FLOAT32 = 3e-5
 
 
-def _torch_preprocess(x_nchw, resize=232, crop=224):
-  h, w = x_nchw.shape[-2:]
-  if w <= h:
-    nh, nw = int(resize * h / w), resize
-  else:
-    nh, nw = resize, int(resize * w / h)
-  y = F.interpolate(x_nchw, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-  top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
-  y = y[..., top:top + crop, left:left + crop]
-  mean = torch.tensor(resnet.IMAGENET_MEAN, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
-  std = torch.tensor(resnet.IMAGENET_STD, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
-  return (y - mean) / std
-
-
 def test_resize_matches_torch_interpolate_antialias():
   rng = np.random.default_rng(0)
   # downsample (SynOOD's 512x512 decode), non-integer downsample, upsample, non-square both ways
@@ -286,7 +194,7 @@ def test_classifier_preprocess_matches_torch(shape, impl):
   assert out.shape == (2, 224, 224, 3)
   out = out.transpose(0, 3, 1, 2)
   for dtype in (torch.float64, torch.float32):
-    ref = _torch_preprocess(torch.from_numpy(x).to(dtype)).double().numpy()
+    ref = torch_preprocess(torch.from_numpy(x).to(dtype)).double().numpy()
     err = np.max(np.abs(out - ref))
     print(f"preprocess {impl} {shape} vs torch {dtype}: max abs err {err:.2e} (normalized units)")
     tight = (impl == "float64") == (dtype == torch.float64) and (impl == "float64" or shape == (512, 512))

@@ -27,7 +27,7 @@ from synood_jax.models import zero_shot  # noqa: E402
 from synood_jax.diffusion import inpaint, pipeline  # noqa: E402
 from synood_jax.models import clip, resnet
 from synood_jax.demo import tiny_clip as tiny, tiny_sd  # noqa: E402
-from test_resnet import _random_resnet, _torch_preprocess  # noqa: E402
+from torch_reference import official_loop, random_resnet, torch_preprocess  # noqa: E402
 
 IMAGE, LATENT = 32, 16
 CLASSNAMES = ["stripes", "rings"]
@@ -111,7 +111,7 @@ RESNET = dict(layers=(1, 1, 1, 1), width=8, classes=10, resize=36, crop=32)
 
 @pytest.fixture(scope="module")
 def tiny_resnet(world):
-  model = _random_resnet(RESNET["layers"], RESNET["width"], RESNET["classes"], seed=0)
+  model = random_resnet(RESNET["layers"], RESNET["width"], RESNET["classes"], seed=0)
   path = str(world["root"] / "resnet.pth")
   torch.save(model.state_dict(), path)
   module, params = resnet.load_resnet(path, layers=RESNET["layers"], width=RESNET["width"],
@@ -129,7 +129,7 @@ def test_skip_gradient_matches_torch_autograd(world, tiny_resnet, classifier):
     torch_model, module, rparams = tiny_resnet
     fn, cparams = guidance.resnet50(module, rparams, resize=RESNET["resize"], crop=RESNET["crop"])
     n_classes = RESNET["classes"]
-    torch_logits = lambda x: torch_model(_torch_preprocess(x, RESNET["resize"], RESNET["crop"]))
+    torch_logits = lambda x: torch_model(torch_preprocess(x, RESNET["resize"], RESNET["crop"]))
   m = float(-np.log(n_classes) - 0.3)
   cfg, hyper = refinement.RefineConfig(), refinement.Hyper.make(target=m)
   z0 = np.random.default_rng(5).standard_normal((4, LATENT, LATENT, 4)).astype(np.float32)
@@ -336,6 +336,40 @@ def test_exact_vs_skip_gradient(world, runs):
   np.testing.assert_allclose(analytic, numeric, rtol=5e-2)
 
 
+def test_batch_program_equals_one_program_and_reuses_its_executables(world):
+  """`BatchProgram` (four jitted programs on a host loop, compiled ahead) gives what `synthesize_batch`
+  gives traced as one program, for K = 3 with both updates; other r and m run the same executables (no
+  trace) and give other results."""
+  pipe, recs = world["pipe"], world["recs"][:BATCH]
+  cfg = _config(iterations=3)
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  traces = []
+
+  def counted(p, x):  # runs once per trace of a program that classifies
+    traces.append(1)
+    return world["logits_fn"](p, x)
+
+  rcfg = refinement.RefineConfig(iterations=3)
+  shardings = parallel.param_shardings(world["params"], mesh)
+  whole = jax.jit(functools.partial(synthesis.synthesize_batch, pipe, rcfg, cfg.steps, None, counted))
+  expected = [np.asarray(x) for x in whole(*_batch_args(world, recs, cfg, mesh))]
+  program = synthesis.batch_program(pipe, rcfg, cfg.steps, None, counted, mesh, shardings)
+  program = program.compile(*_batch_args(world, recs, cfg, mesh))
+  assert set(program.compile_seconds) == {"lower_s", "xla_s"}
+  got = [np.asarray(x) for x in program(*_batch_args(world, recs, cfg, mesh))]
+  names = ("images", "scores", "losses", "eps", "steps_finite")
+  for name, a, b in zip(names, got, expected):
+    assert a.shape == b.shape, name
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+  assert np.abs(expected[1][-1] - expected[1][0]).max() > 1e-4  # the updates moved the scores
+  n = len(traces)
+  args = list(_batch_args(world, recs, cfg, mesh))
+  args[-2] = refinement.Hyper.make(2 * cfg.step_size, cfg.target - 1.0, cfg.reference_batch)
+  other = [np.asarray(x) for x in program(*args)]
+  assert len(traces) == n, "a new r / m traced a program again"
+  assert not np.allclose(other[3], got[3])
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. The whole refinement loop against the official procedure, iteration by iteration.
 
@@ -347,54 +381,6 @@ def test_exact_vs_skip_gradient(world, runs):
 OFFICIAL = dict(batch=2, iterations=3, step_size=10.0, target=-5.0, classes=1000, resize=36, crop=32)
 
 
-def official_loop(pipe, resnet_model, z_in, eps, masked, prompts, iterations, step_size, target, steps=20,
-                  strength=0.6, guidance=8.0, resize=232, crop=224, teacher=None):
-  """`generate_near_ood_sample.py`'s loop in PyTorch, on diffusers' StableDiffusionInpaintPipeline (which
-  agrees with the official modified pipeline given identical latents). Per iteration: restart from
-  add_noise(z_in, eps, t0); sample to z0 without gradient; u = z0 / scaling_factor (or the latents_mean /
-  latents_std form) becomes the leaf; x = clamp(D(u) / 2 + 0.5); ResNet-50 transforms (resize 232,
-  crop 224, normalize); s = mean(g) - logsumexp(g); L = mean_batch((m - s)^2); eps <- eps - r dL/du.
-
-  z_in, eps, masked: NCHW tensors (posterior-sampled source latents, noise, 4-channel masked-image
-  latents). teacher: an optional list of eps to start each iteration from (teacher forcing).
-  Returns per iteration {'eps': eps fed in, 'update': r dL/du, 'scores': s, 'images': x}.
-  """
-  b, _, h, w = z_in.shape
-  image = h * pipe.vae_scale_factor
-  like = dict(device=z_in.device, dtype=z_in.dtype)
-  pipe.scheduler.set_timesteps(steps, device=z_in.device)
-  timesteps, _ = pipe.get_timesteps(steps, strength, z_in.device)
-  cfg = pipe.vae.config
-  out = []
-  for i in range(iterations):
-    if teacher is not None:
-      eps = teacher[i]
-    noise_latents = pipe.scheduler.add_noise(z_in, eps, timesteps[:1])
-    with torch.no_grad():
-      latents = pipe(prompt=prompts, image=torch.zeros(b, 3, image, image, **like),
-                     mask_image=torch.ones(b, 1, image, image, **like), masked_image_latents=masked,
-                     latents=noise_latents, guidance_scale=guidance, num_inference_steps=steps, strength=strength,
-                     output_type="latent", height=image, width=image).images
-      if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-        mean = torch.tensor(cfg.latents_mean, **like).view(1, 4, 1, 1)
-        std = torch.tensor(cfg.latents_std, **like).view(1, 4, 1, 1)
-        latents = latents * std / cfg.scaling_factor + mean
-      else:
-        latents = latents / cfg.scaling_factor
-    with torch.enable_grad():
-      latents.requires_grad_(True)
-      x = (pipe.vae.decode(latents, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
-      # resized in float32 (a no-op cast at float32; CPU torch has no half-precision antialiased resize)
-      logits = resnet_model(_torch_preprocess(x.float(), resize, crop).to(x.dtype))
-      s = logits.mean(1) - torch.logsumexp(logits, dim=1)
-      loss = torch.pow(target - s, 2).mean()
-      loss.backward()
-    update = latents.grad * step_size
-    out.append(dict(eps=eps, update=update, scores=s.detach(), images=x.detach()))
-    eps = eps - update
-  return out
-
-
 @pytest.fixture(scope="module")
 def official_world(world):
   """The tiny SD folder in diffusers, a tiny 1000-class torchvision-layout ResNet, and the injected tensors:
@@ -404,7 +390,7 @@ def official_world(world):
   pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(world["sd"], safety_checker=None,
                                                                    requires_safety_checker=False)
   pipe.set_progress_bar_config(disable=True)
-  model = _random_resnet(RESNET["layers"], RESNET["width"], OFFICIAL["classes"], seed=1)
+  model = random_resnet(RESNET["layers"], RESNET["width"], OFFICIAL["classes"], seed=1)
   path = str(world["root"] / "resnet1000.pth")
   torch.save(model.state_dict(), path)
   module, rparams = resnet.load_resnet(path, layers=RESNET["layers"], width=RESNET["width"],

@@ -9,14 +9,15 @@ gradient, so its update is dL/du = scaling_factor * dL/dz0; `r` here has the off
 reproduces the paper). The exact mode pulls the same dL/du back through the sampler, so the two modes
 differ only by that Jacobian.
 
-One jitted program per batch runs all K iterations: restart from add_noise(z_in, eps, t0), sample to z0,
-decode, classify, update eps. Every function here is pure over explicit param pytrees; the models come
-in as functions so that any sampler, decoder or classifier fits.
+Each iteration restarts from add_noise(z_in, eps, t0), samples to z0, decodes, classifies and updates
+eps. The loop is three pure pieces (sample, update, outcome) over explicit param pytrees and one driver
+(`run`) that works both on the pieces traced into one program (`refine`) and on separately jitted
+pieces (synthesis); the models come in as functions (`Models`).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import flax
 import jax
@@ -100,41 +101,71 @@ def skip_gradient(cfg: RefineConfig, hyper: Hyper, decode_fn: Callable, logits_f
   return grad, loss, s
 
 
-def refine(cfg: RefineConfig, hyper: Hyper,
-           noise_fn: Callable,    # eps -> z_t = add_noise(z_in, eps, t0)
-           sample_fn: Callable,   # (params, z_t) -> z0 (scaled latents)
-           input_fn: Callable,    # z0 -> u, the decoder's input (z0 / scaling_factor)
-           decode_fn: Callable,   # (params, u) -> images in [0, 1], NHWC
-           logits_fn: Callable,   # (params, images) -> logits [B, C]
-           params, eps: jax.Array):
-  """K refinement iterations. Returns (images of the last iteration, scores [K, B], losses [K, B], eps,
-  steps_finite [B]).
+class Models(NamedTuple):
+  """The functions one batch's refinement is built from; any sampler, decoder or classifier fits."""
+  noise: Callable    # eps -> z_t = add_noise(z_in, eps, t0)
+  sample: Callable   # (params, z_t) -> z0 (scaled latents)
+  input: Callable    # z0 -> u, the decoder's input (z0 / scaling_factor)
+  decode: Callable   # (params, u) -> images in [0, 1], NHWC
+  logits: Callable   # (params, images) -> logits [B, C]
 
-  The update after the last iteration is never used (the official code computes it anyway), so it
-  is skipped. An image whose update is non-finite keeps its last finite eps; steps_finite marks it.
-  The K - 1 updates are unrolled: inside the while loop a rolled lax.scan becomes, XLA:CPU runs the
-  gradient's transposed convolutions (kernel layout 01oi) on its generic convolution thunk instead of
-  the YNNPACK fusions it uses for them outside loops, which made the whole program about 1.5x slower
-  (profiled; README, "Synthesis speed").
-  """
+
+# The three pieces of the loop. Each is pure and may be jitted on its own (synthesis runs them as
+# separate programs on a host loop) or traced together inside one program (`refine`).
+
+def sample(models: Models, params, eps: jax.Array) -> jax.Array:
+  """z0 = Sampler(add_noise(z_in, eps, t0))."""
+  return models.sample(params, models.noise(eps))
+
+
+def update(cfg: RefineConfig, hyper: Hyper, models: Models, params, eps: jax.Array, z0: jax.Array | None):
+  """One refinement update: (eps', ok [B], loss [B], s [B]). Skip mode takes the z0 that `sample` made
+  from this eps; exact mode (z0 None) samples again under a VJP to pull dL/du back to eps. An image whose
+  update is non-finite keeps its eps (ok False)."""
   scale = hyper.step_size / hyper.reference_batch
+  if cfg.grad_mode == "skip":
+    grad, loss, s = skip_gradient(cfg, hyper, models.decode, models.logits, params, models.input(z0))
+  else:
+    z0, pullback = jax.vjp(lambda e: sample(models, params, e), eps)
+    grad_u, loss, s = skip_gradient(cfg, hyper, models.decode, models.logits, params, models.input(z0))
+    (grad,) = pullback(grad_u.astype(z0.dtype))
+  eps, ok = health.finite_step(eps, eps - scale * grad.astype(eps.dtype))
+  return eps, ok, loss, s
 
-  def iteration(carry, _):
-    eps, finite = carry
-    if cfg.grad_mode == "skip":
-      z0 = jax.lax.stop_gradient(sample_fn(params, noise_fn(eps)))
-      grad, loss, s = skip_gradient(cfg, hyper, decode_fn, logits_fn, params, input_fn(z0))
-    else:
-      z0, pullback = jax.vjp(lambda e: sample_fn(params, noise_fn(e)), eps)
-      grad_u, loss, s = skip_gradient(cfg, hyper, decode_fn, logits_fn, params, input_fn(z0))
-      (grad,) = pullback(grad_u.astype(z0.dtype))
-    eps, ok = health.finite_step(eps, eps - scale * grad.astype(eps.dtype))
-    return (eps, finite & ok), (loss, s)
 
-  (eps, finite), (losses, scores) = jax.lax.scan(
-      iteration, (eps, jnp.ones(eps.shape[:1], bool)), None, length=cfg.iterations - 1, unroll=True)
-  images = decode_fn(params, input_fn(sample_fn(params, noise_fn(eps))))
-  logits = logits_fn(params, images)
-  last_loss = boundary_loss(logits, cfg.loss, hyper.target)[None]
-  last_score = boundary_score(logits)[None]
-  return (images, jnp.concatenate([scores, last_score]), jnp.concatenate([losses, last_loss]), eps, finite)
+def outcome(cfg: RefineConfig, hyper: Hyper, models: Models, params, z0: jax.Array, history):
+  """The last iteration's images and, with the earlier iterations' `history` ((ok, loss, s) each):
+  (images, scores [K, B], losses [K, B], steps_finite [B])."""
+  images = models.decode(params, models.input(z0))
+  logits = models.logits(params, images)
+  oks = [h[0] for h in history]
+  losses = [h[1] for h in history] + [boundary_loss(logits, cfg.loss, hyper.target)]
+  scores = [h[2] for h in history] + [boundary_score(logits)]
+  finite = jnp.all(jnp.stack(oks), axis=0) if oks else jnp.ones(z0.shape[:1], bool)
+  return images, jnp.stack(scores), jnp.stack(losses), finite
+
+
+def run(cfg: RefineConfig, sample_fn: Callable, update_fn: Callable, outcome_fn: Callable, eps: jax.Array):
+  """K refinement iterations over the pieces, bound to one batch: sample_fn(eps) -> z0,
+  update_fn(eps, z0 | None) -> (eps', ok, loss, s), outcome_fn(z0, history) -> (images, scores, losses,
+  steps_finite). Returns (images, scores [K, B], losses [K, B], eps, steps_finite [B]).
+
+  The update after the last iteration is never used (the official code computes it anyway), so it is
+  skipped. The loop is a Python loop: traced inside one jit it unrolls (a rolled lax.scan made XLA:CPU
+  run the gradient's transposed convolutions on its generic thunk, 1.5x slower: README, "Synthesis
+  speed"); over separately jitted pieces it is a host loop that dispatches asynchronously.
+  """
+  history = []
+  for _ in range(cfg.iterations - 1):
+    z0 = sample_fn(eps) if cfg.grad_mode == "skip" else None
+    eps, *step = update_fn(eps, z0)
+    history.append(tuple(step))
+  images, scores, losses, finite = outcome_fn(sample_fn(eps), tuple(history))
+  return images, scores, losses, eps, finite
+
+
+def refine(cfg: RefineConfig, hyper: Hyper, models: Models, params, eps: jax.Array):
+  """All K iterations as one traceable function (the pieces traced together): see `run`."""
+  return run(cfg, lambda e: sample(models, params, e),
+             lambda e, z0: update(cfg, hyper, models, params, e, z0),
+             lambda z0, history: outcome(cfg, hyper, models, params, z0, history), eps)

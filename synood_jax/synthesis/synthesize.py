@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 import zlib
 from concurrent import futures
 from typing import Callable, Sequence
@@ -93,36 +94,42 @@ def draw_inputs(pipe, vae_params, images: jax.Array, ids: jax.Array, seed: jax.A
   return z_in, eps
 
 
-def refine_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
-                 logits_fn: Callable, params: dict, z_in: jax.Array, eps: jax.Array, prompt_ids: jax.Array,
-                 negative_ids: jax.Array, masked_latents: jax.Array, first_index: jax.Array,
-                 guidance_scale: jax.Array, hyper: refinement.Hyper):
-  """All K refinement iterations from given source latents z_in and noise eps (`refinement.refine`)."""
-  cond = pipe.text_hidden(params["text"], prompt_ids)
-  uncond = jnp.broadcast_to(pipe.text_hidden(params["text"], negative_ids), cond.shape)
+def text_context(pipe, text_params, prompt_ids: jax.Array, negative_ids: jax.Array):
+  """(cond, uncond) text-encoder states [B, L, D]: each prompt's and the empty negative prompt's."""
+  cond = pipe.text_hidden(text_params, prompt_ids)
+  return cond, jnp.broadcast_to(pipe.text_hidden(text_params, negative_ids), cond.shape)
+
+
+def refine_models(pipe, steps: int, decode_chunk: int | None, logits_fn: Callable, grad_mode: str,
+                  z_in: jax.Array, cond: jax.Array, uncond: jax.Array, masked_latents: jax.Array,
+                  first_index: jax.Array, guidance_scale: jax.Array) -> refinement.Models:
+  """The in-painting pipeline and classifier as `refinement.Models` for one batch (its source latents
+  z_in and text states): add_noise at the strength cut t0, the sampler from there (full-image mask,
+  the all-zero image's latents), u = z0 / scaling_factor, the VAE decoder, the classifier."""
   mask = jnp.ones(z_in.shape[:-1] + (1,), jnp.float32)
   masked = jnp.broadcast_to(masked_latents, z_in.shape)
   t0 = jnp.asarray(inpaint.timestep_table(pipe.scheduler, steps))[first_index]
   vae_cfg = pipe.vae.cfg
+  return refinement.Models(
+      noise=lambda e: schedulers.add_noise(pipe.scheduler, z_in, e, jnp.full((e.shape[0],), t0)),
+      sample=lambda p, z_t: inpaint.sample_latents(pipe.unet, pipe.scheduler, p["unet"], z_t, cond, uncond, mask,
+                                                   masked, guidance_scale, steps, first_index, image_latents=z_in,
+                                                   noise=z_t, remat=grad_mode == "exact"),
+      input=lambda z0: inpaint.decoder_input(z0, pipe.scaling_factor, vae_cfg.latents_mean, vae_cfg.latents_std),
+      decode=lambda p, u: inpaint.decode_unscaled(pipe.vae_decode, p["vae"], u, decode_chunk),
+      logits=lambda p, x: logits_fn(p["classifier"], x))
 
-  def noise_fn(e):
-    return schedulers.add_noise(pipe.scheduler, z_in, e, jnp.full((e.shape[0],), t0))
 
-  def sample_fn(p, z_t):
-    return inpaint.sample_latents(pipe.unet, pipe.scheduler, p["unet"], z_t, cond, uncond, mask, masked,
-                                  guidance_scale, steps, first_index, image_latents=z_in, noise=z_t,
-                                  remat=refine_cfg.grad_mode == "exact")
-
-  def input_fn(z0):
-    return inpaint.decoder_input(z0, pipe.scaling_factor, vae_cfg.latents_mean, vae_cfg.latents_std)
-
-  def decode_fn(p, u):
-    return inpaint.decode_unscaled(pipe.vae_decode, p["vae"], u, decode_chunk)
-
-  def classify(p, x):
-    return logits_fn(p["classifier"], x)
-
-  return refinement.refine(refine_cfg, hyper, noise_fn, sample_fn, input_fn, decode_fn, classify, params, eps)
+def refine_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
+                 logits_fn: Callable, params: dict, z_in: jax.Array, eps: jax.Array, prompt_ids: jax.Array,
+                 negative_ids: jax.Array, masked_latents: jax.Array, first_index: jax.Array,
+                 guidance_scale: jax.Array, hyper: refinement.Hyper):
+  """All K refinement iterations from given source latents z_in and noise eps, as one traceable function
+  (`refinement.refine`)."""
+  cond, uncond = text_context(pipe, params["text"], prompt_ids, negative_ids)
+  models = refine_models(pipe, steps, decode_chunk, logits_fn, refine_cfg.grad_mode, z_in, cond, uncond,
+                         masked_latents, first_index, guidance_scale)
+  return refinement.refine(refine_cfg, hyper, models, params, eps)
 
 
 def synthesize_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
@@ -130,7 +137,8 @@ def synthesize_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, deco
                      prompt_ids: jax.Array, negative_ids: jax.Array, masked_latents: jax.Array,
                      first_index: jax.Array, guidance_scale: jax.Array, hyper: refinement.Hyper,
                      seed: jax.Array):
-  """All K refinement iterations for one batch. params: {'unet','vae','text','classifier'}.
+  """All K refinement iterations for one batch as one traceable function; `BatchProgram` runs the same
+  computation as separate programs. params: {'unet','vae','text','classifier'}.
 
   `steps` (the scheduler table length) and `refine_cfg` are static; the strength cut `first_index`,
   the guidance scale and the refinement scalars `hyper` (r, m, reference batch) are traced. Each
@@ -141,18 +149,93 @@ def synthesize_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, deco
                       negative_ids, masked_latents, first_index, guidance_scale, hyper)
 
 
+class BatchProgram:
+  """`synthesize_batch` as four jitted programs on a host loop: start (source latents, noise, text
+  states), sample (K times), update (K - 1 times) and outcome (decode, classify, stack the scores).
+
+  Why not one program: the unrolled K-loop repeats the sampler and the gradient in one executable, which
+  took 11-12 s to trace, lower and load from the compile cache before the first batch on CPU (small
+  preset); the pieces compile each computation once, and run as fast (README, "Synthesis speed").
+  Dispatch is asynchronous, so the host loop does not wait for the device between pieces.
+
+  Each program has explicit shardings: params as `param_shardings`, batch rows split over every device,
+  scalars replicated, scores and losses [K, B] split on B; eps is donated to the update that replaces it.
+  Call it with `synthesize_batch`'s arguments (after params); it returns (images, scores [K, B],
+  losses [K, B], eps, steps_finite [B]).
+  """
+
+  def __init__(self, pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
+               logits_fn: Callable, mesh, param_shardings):
+    self.cfg = refine_cfg
+    rep = parallel.replicated(mesh)
+    rows = lambda ndim: parallel.batch_sharding(mesh, ndim)
+    batch = (rows(4), rows(3), rows(3))   # z_in, cond, uncond
+    consts = (rep, rep, rep)              # masked latents, first index, guidance scale
+    step = (rows(1), rows(1), rows(1))    # ok, loss, s of one update
+
+    def models(b, c):
+      return refine_models(pipe, steps, decode_chunk, logits_fn, refine_cfg.grad_mode, *b, *c)
+
+    def start(params, images, ids, prompt_ids, negative_ids, seed):
+      z_in, eps = draw_inputs(pipe, params["vae"], images, ids, seed)
+      return (z_in, *text_context(pipe, params["text"], prompt_ids, negative_ids)), eps
+
+    def sample(params, b, c, eps):
+      return refinement.sample(models(b, c), params, eps)
+
+    def update(params, b, c, hyper, eps, z0):
+      return refinement.update(refine_cfg, hyper, models(b, c), params, eps, z0)
+
+    def outcome(params, b, c, hyper, z0, history):
+      return refinement.outcome(refine_cfg, hyper, models(b, c), params, z0, history)
+
+    self.start = jax.jit(start, in_shardings=(param_shardings, rows(4), rows(1), rows(2), rep, rep),
+                         out_shardings=(batch, rows(4)))
+    self.sample = jax.jit(sample, in_shardings=(param_shardings, batch, consts, rows(4)), out_shardings=rows(4))
+    z0_sharding = rows(4) if refine_cfg.grad_mode == "skip" else None
+    self.update = jax.jit(update, in_shardings=(param_shardings, batch, consts, rep, rows(4), z0_sharding),
+                          out_shardings=(rows(4), *step), donate_argnums=(4,))
+    per_iteration = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+    self.outcome = jax.jit(outcome, in_shardings=(param_shardings, batch, consts, rep, rows(4),
+                                                  (step,) * (refine_cfg.iterations - 1)),
+                           out_shardings=(rows(4), per_iteration, per_iteration, rows(1)))
+
+  def __call__(self, params, images, ids, prompt_ids, negative_ids, masked_latents, first_index,
+               guidance_scale, hyper, seed):
+    b, eps = self.start(params, images, ids, prompt_ids, negative_ids, seed)
+    c = (masked_latents, first_index, guidance_scale)
+    return refinement.run(self.cfg, lambda e: self.sample(params, b, c, e),
+                          lambda e, z0: self.update(params, b, c, hyper, e, z0),
+                          lambda z0, history: self.outcome(params, b, c, hyper, z0, history), eps)
+
+  def compile(self, params, images, ids, prompt_ids, negative_ids, masked_latents, first_index,
+              guidance_scale, hyper, seed) -> "BatchProgram":
+    """Compile every program ahead for these arguments' shapes (the lowering on this thread, XLA's
+    compiles or cache loads on one thread each, in parallel); returns self, now holding the executables,
+    with the seconds each part took in `compile_seconds` ({'lower_s', 'xla_s'})."""
+    t0 = time.perf_counter()
+    start_args = (params, images, ids, prompt_ids, negative_ids, seed)
+    b, eps = jax.eval_shape(self.start, *start_args)
+    c = (masked_latents, first_index, guidance_scale)
+    step = jax.eval_shape(self.update, params, b, c, hyper, eps, eps if self.cfg.grad_mode == "skip" else None)[1:]
+    lowered = {"start": self.start.lower(*start_args),
+               "sample": self.sample.lower(params, b, c, eps),
+               "outcome": self.outcome.lower(params, b, c, hyper, eps, (step,) * (self.cfg.iterations - 1))}
+    if self.cfg.iterations > 1:
+      lowered["update"] = self.update.lower(params, b, c, hyper, eps, eps if self.cfg.grad_mode == "skip" else None)
+    t1 = time.perf_counter()
+    with futures.ThreadPoolExecutor(len(lowered), "synthesis-compile") as pool:
+      done = {name: pool.submit(low.compile) for name, low in lowered.items()}
+      for name, fut in done.items():
+        setattr(self, name, fut.result())
+    self.compile_seconds = {"lower_s": t1 - t0, "xla_s": time.perf_counter() - t1}
+    return self
+
+
 def batch_program(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
-                  logits_fn: Callable, mesh, param_shardings):
-  """`synthesize_batch` jitted with explicit shardings: params as `param_shardings` say, the batch
-  (images, source ids, prompt ids) split over every device, the rest replicated; out: images and eps
-  split on the batch, scores and losses [K, B] split on B, steps_finite [B] split. The source images are donated: they are
-  rebuilt for every batch and have the output images' shape, so XLA may write the outputs there."""
-  rep = parallel.replicated(mesh)
-  rows = lambda ndim: parallel.batch_sharding(mesh, ndim)
-  per_iteration = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
-  fn = functools.partial(synthesize_batch, pipe, refine_cfg, steps, decode_chunk, logits_fn)
-  return jax.jit(fn, in_shardings=(param_shardings, rows(4), rows(1), rows(2), rep, rep, rep, rep, rep, rep),
-                 out_shardings=(rows(4), per_iteration, per_iteration, rows(4), rows(1)), donate_argnums=(1,))
+                  logits_fn: Callable, mesh, param_shardings) -> BatchProgram:
+  """The per-batch synthesis program (`BatchProgram`)."""
+  return BatchProgram(pipe, refine_cfg, steps, decode_chunk, logits_fn, mesh, param_shardings)
 
 
 def place_params(params, mesh):
@@ -363,7 +446,8 @@ def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source
         next_batch = loader.submit(load, b + 1)
       args = (params, *parallel.global_batch((images, ids, prompt_ids), mesh), *consts)
       if b == 0:  # compile once, timed apart from the run; every batch has these shapes
-        step_fn = runtime.compile_ahead(step_fn, *args, what="synthesis: compile")
+        with runtime.timed("synthesis: compile"):
+          step_fn = step_fn.compile(*args)
         progress.restart()  # items/s and the ETA count from here, not from before the compile
       outputs = step_fn(*args)  # dispatched: the device runs it while the host finishes the batch before
       if pending is not None:
