@@ -20,6 +20,7 @@ The unpickler resolves only the globals a state dict needs (`_ALLOWED`); anythin
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import struct
 import zipfile
@@ -191,6 +192,8 @@ class TorchPickleFile(Mapping):
       raise type(e)(f"{path}: {e}") from e
 
   def _open(self, path: str) -> None:
+    if not os.path.isfile(path):
+      raise TorchPickleError("no such file")
     if not zipfile.is_zipfile(path):
       raise UnsupportedPickle("not a zip archive (a legacy torch.save pickle?)")
     with zipfile.ZipFile(path) as zf:
