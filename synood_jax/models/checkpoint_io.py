@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from synood_jax import fileio
+from synood_jax.models import torch_pickle
 
 WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors",
                 "pytorch_model.bin", "diffusion_pytorch_model.bin")
@@ -120,9 +121,7 @@ class SafetensorsFile(Mapping):
       f.seek(self._start + begin)
       if f.readinto(memoryview(out.reshape(-1)).cast("B")) != out.nbytes:
         raise CheckpointError(f"{self.path}: truncated at tensor {key!r}")
-    if info["dtype"] == "BF16":
-      return (out.astype(np.uint32) << 16).view(np.float32)
-    return out.astype(np.float32) if out.dtype.kind == "f" and out.dtype != np.float32 else out
+    return torch_pickle.to_float32(out, bfloat16=info["dtype"] == "BF16")
 
   def __iter__(self):
     return iter(self._header)
@@ -132,12 +131,25 @@ class SafetensorsFile(Mapping):
 
 
 class _TorchFile(Mapping):
-  """A torch pickle (.bin / .pth) loaded memory-mapped; each tensor converted to numpy when asked for."""
+  """A torch pickle (.bin / .pth): read without torch by `torch_pickle` (lazy, like `SafetensorsFile`);
+  a file that reader does not take (a legacy non-zip pickle, a global outside a state dict's) goes to
+  torch.load(weights_only=True) when torch is installed. Non-tensor values are left out either way."""
 
   def __init__(self, path: str):
-    self._sd = _torch_state_dict(path)
+    self.path = path
+    try:
+      self._sd = torch_pickle.TorchPickleFile(path)
+    except torch_pickle.UnsupportedPickle as e:
+      self._sd = _torch_state_dict(path, why=str(e))
+    except torch_pickle.TorchPickleError as e:
+      raise CheckpointError(str(e)) from e
 
   def __getitem__(self, key: str) -> np.ndarray:
+    if isinstance(self._sd, torch_pickle.TorchPickleFile):
+      try:
+        return self._sd[key]
+      except torch_pickle.TorchPickleError as e:
+        raise CheckpointError(str(e)) from e
     return _tensor_to_numpy(self._sd[key])
 
   def __iter__(self):
@@ -147,22 +159,36 @@ class _TorchFile(Mapping):
     return len(self._sd)
 
 
-def _torch_state_dict(path: str, safetensors: bool = False):
+def read_torch_file(path: str) -> Mapping[str, np.ndarray]:
+  """The lazy state dict of one .pth / .bin file (see `_TorchFile`)."""
+  return _TorchFile(path)
+
+
+def _torch_state_dict(path: str, safetensors: bool = False, why: str = ""):
+  """A state dict read by torch itself; `why` (naming the file) says why the torch-free reader passed
+  the file on."""
+  head = f"{why}; " if why else f"{path}: "
   try:
     import torch
   except ImportError as e:
-    raise CheckpointError(f"{path}: reading this file needs torch (pip install torch), "
+    raise CheckpointError(f"{head}reading this file needs torch (pip install torch), "
                           "or convert it to float32 safetensors") from e
   if safetensors:
     from safetensors.torch import load_file
     return load_file(path)
   try:
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-  except RuntimeError:  # old (non-zip) pickles cannot be memory-mapped
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+      sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # old (non-zip) pickles cannot be memory-mapped
+      sd = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001  (unpickling errors come as many types)
+    raise CheckpointError(f"{head}torch.load(weights_only=True) failed{' too' if why else ''} "
+                          f"({type(e).__name__}: {e})") from e
   if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
     sd = sd["state_dict"]
-  return sd
+  if not isinstance(sd, Mapping):
+    raise CheckpointError(f"{path}: top-level object is a {type(sd).__name__}, not a state dict")
+  return {k: v for k, v in sd.items() if torch.is_tensor(v)}  # as torch_pickle: non-tensors left out
 
 
 def _tensor_to_numpy(v) -> np.ndarray:

@@ -13,7 +13,7 @@ dropped, and the four are folded into one multiply-add per channel.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -109,8 +109,9 @@ class ResNet(nn.Module):
     return x.astype(jnp.float32)
 
 
-def _read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A torchvision state dict from a `.pth`/`.pt`/`.bin` file, a `.safetensors` file or an HF-style folder."""
+def _read_state_dict(path: str) -> Mapping[str, np.ndarray]:
+  """A torchvision state dict from a `.pth`/`.pt`/`.bin` file (lazy, read without torch), a `.safetensors`
+  file or an HF-style folder."""
   if os.path.isdir(path):
     state, _ = checkpoint_io.load_state_dict(path)
     return state
@@ -125,7 +126,7 @@ def _read_state_dict(path: str) -> dict[str, np.ndarray]:
     except Exception as e:  # noqa: BLE001  (header / truncation errors come as several types)
       raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
   try:
-    return checkpoint_io._load_torch(path, safetensors=False)  # pylint: disable=protected-access
+    return checkpoint_io.read_torch_file(path)
   except CheckpointError:
     raise
   except Exception as e:  # noqa: BLE001
@@ -152,7 +153,7 @@ def expected_torch_keys(params_shapes) -> dict[str, tuple]:
   return out
 
 
-def resnet_params_from_state_dict(module: ResNet, state: dict[str, np.ndarray], source: str) -> dict:
+def resnet_params_from_state_dict(module: ResNet, state: Mapping[str, np.ndarray], source: str) -> dict:
   """Convert a torchvision ResNet state dict into `module`'s params; errors name `source` and the key."""
   shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
   expected = shapes["params"]
@@ -170,7 +171,7 @@ def resnet_params_from_state_dict(module: ResNet, state: dict[str, np.ndarray], 
 
 def load_resnet(path: str, layers: Sequence[int] = RESNET50_LAYERS, width: int = 64, num_classes: int = 1000,
                 dtype: Any = jnp.float32) -> tuple[ResNet, dict]:
-  """Load a torchvision ResNet state dict (`.pth`/`.pt` via torch.load(weights_only=True), `.safetensors`).
+  """Load a torchvision ResNet state dict (`.pth`/`.pt` via `checkpoint_io.read_torch_file`, `.safetensors`).
 
   `dtype` is the compute dtype (params stay float32; logits are returned as float32). A missing key,
   an unexpected key or a shape mismatch raises `CheckpointError` naming the file and the key.
