@@ -277,11 +277,3 @@ def check_shared_dir(folder: str, field: str = "--workdir") -> None:
     raise RuntimeError(f"{field} {folder} is not shared between the processes: process(es) {blind} do not see "
                        "the file process 0 wrote there. Every process needs the same workdir on a shared "
                        "filesystem (NFS, a GCS bucket gs://...)")
-
-
-@contextlib.contextmanager
-def timed(what: str):
-  """Log how long a block took (used to keep compile time apart from run time)."""
-  start = time.perf_counter()
-  yield
-  logging.info("%s took %.2f s", what, time.perf_counter() - start)

@@ -156,12 +156,13 @@ class BatchProgram:
   Why not one program: the unrolled K-loop repeats the sampler and the gradient in one executable, which
   took 11-12 s to trace, lower and load from the compile cache before the first batch on CPU (small
   preset); the pieces compile each computation once, and run as fast (README, "Synthesis speed").
-  Dispatch is asynchronous, so the host loop does not wait for the device between pieces.
+  Dispatch is asynchronous, so the host loop does not wait for the device between pieces, and on a
+  first call each piece is traced and compiled while the device runs the one before.
 
   Each program has explicit shardings: params as `param_shardings`, batch rows split over every device,
   scalars replicated, scores and losses [K, B] split on B; eps is donated to the update that replaces it.
   Call it with `synthesize_batch`'s arguments (after params); it returns (images, scores [K, B],
-  losses [K, B], eps, steps_finite [B]).
+  losses [K, B], eps, steps_finite [B]). `compile` compiles every piece ahead instead.
   """
 
   def __init__(self, pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
@@ -406,8 +407,9 @@ def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source
     arrays = tuple(parallel.pad_batch(x, local_batch)[0] for x in (np.stack(images), ids, prompt_ids))
     return chunk[:n_real], arrays
 
-  def write(rows, ids, out, scores, losses, statuses, manifest):
-    """Each image file, then its manifest line (the order resuming relies on)."""
+  def write(rows, ids, out, scores, losses, statuses, manifest, counted):
+    """Each image file, then its manifest line (the order resuming relies on); `counted`: the rows are
+    already in the progress count."""
     for j, (rec, prompt) in enumerate(rows):
       pixels = np.round(np.nan_to_num(out[offset + j]) * 255).astype(np.uint8)
       s = [float(v) for v in scores[:, offset + j]]
@@ -419,23 +421,28 @@ def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source
       _write_image(pixels, os.path.join(out_dir, entry["output"]), image_format, config.get("jpeg_quality", 75))
       manifest.write(json.dumps(entry, sort_keys=True) + "\n")
     manifest.flush()  # on an object store: the manifest so far, once a batch
-    progress.update(len(rows), extra=", ".join(f"{k} {v}" for k, v in health.counts(statuses).items() if v))
+    progress.update(0 if counted else len(rows),
+                    extra=", ".join(f"{k} {v}" for k, v in health.counts(statuses).items() if v))
 
   with fileio.LineLog(manifest_path, per_process=jax.process_count() > 1) as manifest, \
        futures.ThreadPoolExecutor(1, "synthesis-load") as loader, \
        futures.ThreadPoolExecutor(1, "synthesis-write") as writer:
-    written = None
+    written, started = None, time.perf_counter()
 
-    def finish(rows, ids, outputs):
+    def finish(rows, ids, outputs, first):
       nonlocal written
       out, scores, losses, _, steps_finite = parallel.to_host(outputs)
+      if first:  # items/s and the ETA count from here, not from before the tracing and compiles
+        logging.info("synthesis: the first batch, tracing and compiling its programs included, took %.1f s",
+                     time.perf_counter() - started)
+        progress.restart(done=len(rows))
       mine_rows = slice(offset, offset + len(rows))
       statuses = health.classify_batch(out[mine_rows], scores[:, mine_rows], steps_finite[mine_rows],
                                        target=config.target, band=config.band,
                                        min_pixel_std=config.get("min_pixel_std", 0.01))
       if written is not None:
         written.result()  # surfaces a failed write; keeps at most one batch being written
-      written = writer.submit(write, rows, ids, out, scores, losses, statuses, manifest)
+      written = writer.submit(write, rows, ids, out, scores, losses, statuses, manifest, first)
       monitor.add(statuses)
       monitor.check(c=_global_counts(monitor.statuses))
 
@@ -445,15 +452,14 @@ def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source
       if b + 1 < n_batches:
         next_batch = loader.submit(load, b + 1)
       args = (params, *parallel.global_batch((images, ids, prompt_ids), mesh), *consts)
-      if b == 0:  # compile once, timed apart from the run; every batch has these shapes
-        with runtime.timed("synthesis: compile"):
-          step_fn = step_fn.compile(*args)
-        progress.restart()  # items/s and the ETA count from here, not from before the compile
-      outputs = step_fn(*args)  # dispatched: the device runs it while the host finishes the batch before
+      # Dispatched: the device runs it while the host finishes the batch before. The first call traces
+      # and compiles each program as it reaches it (not ahead), so the device already runs one piece
+      # while the host traces the next: 2 s less before the first images on CPU (README).
+      outputs = step_fn(*args)
       if pending is not None:
-        finish(*pending)
+        finish(*pending, first=b == 1)
       pending = (rows, ids, outputs)
-    finish(*pending)
+    finish(*pending, first=n_batches == 1)
     written.result()
 
 
