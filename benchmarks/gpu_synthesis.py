@@ -3,7 +3,7 @@
 Builds a random full-size SD-2 in-painting pipeline (diffusers, configs in common.py) and a random
 ResNet-50 on the machine, then at 512 px, batch 8, K = 3 (20 steps x 0.6, guidance 8, r = 10, m = -5):
   - the official procedure in PyTorch (official_synthesis.Official) in float32 and float16;
-  - ours (synthesize.batch_program) with float32 and bfloat16 networks (latents, scheduler, loss fp32);
+  - ours (synthesize.BatchProgram) with float32 and bfloat16 networks (latents, scheduler, loss fp32);
 and prints images/s for each, the ratios, our compile times, and our achieved FLOP/s against the chip's
 dense bf16 peak (H200: 989 TFLOP/s). FLOPs come from XLA's cost analysis of each piece compiled on its
 own (one guided UNet call, one refinement gradient, the final decode + classifier, the encoders), times

@@ -4,7 +4,7 @@ Reference: `official_synthesis.Official`, the official `generate_near_ood_sample
 diffusers' StableDiffusionInpaintPipeline (that file says what each iteration does). torch runs with
 OMP_WAIT_POLICY=PASSIVE: with the default (spinning) policy its threads burn CPU while waiting, and under
 load from other processes its UNet call ran about 5x slower, which would flatter ours.
-Ours: `synthesize.batch_program` (four jitted programs with explicit shardings on a host loop, compiled
+Ours: `synthesize.BatchProgram` (four jitted programs with explicit shardings on a host loop, compiled
 ahead) called as `synthesize.synthesize` calls it: host tokenization per batch, the masked-image latents computed once,
 outputs fetched to the host; without the image/manifest writing (neither side's file IO is timed).
 
@@ -68,7 +68,7 @@ class Ours:
     self.mesh = parallel.make_mesh(devices=jax.devices()[:1])
     self.params, shardings = synthesis.place_params(params, self.mesh)
     self.cfg = refinement.RefineConfig(iterations=iterations)
-    self.program = synthesis.batch_program(self.pipe, self.cfg, FLAGS.steps, None, self.logits_fn, self.mesh,
+    self.program = synthesis.BatchProgram(self.pipe, self.cfg, FLAGS.steps, None, self.logits_fn, self.mesh,
                                            shardings)
     self.image = None
     self.hyper = hyper or refinement.Hyper.make(FLAGS.step_size, FLAGS.target, FLAGS.batch)

@@ -259,7 +259,7 @@ def test_batch_composition_does_not_change_an_image(runs, world):
 # 5. Skip (dL/du) vs exact (dL/du pulled back through the remat'd sampler) updates.
 
 def _batch_args(world, recs, cfg, mesh):
-  """The arguments of `synthesize.batch_program` for these sources, built as `synthesize` builds them
+  """The arguments of `synthesize.BatchProgram` for these sources, built as `synthesize` builds them
   (fresh source images each time: the program donates them)."""
   pipe = world["pipe"]
   params, _ = synthesis.place_params(world["params"], mesh)
@@ -274,7 +274,7 @@ def _batch_args(world, recs, cfg, mesh):
 
 
 def test_exact_vs_skip_gradient(world, runs):
-  """Both modes on the batch of the 1-device run, through `batch_program` as synthesize builds it (the
+  """Both modes on the batch of the 1-device run, through `BatchProgram` as synthesize builds it (the
   skip program is the one that run compiled); the updates are (eps0 - eps_2) / r. The exact update is
   (dz0/deps)^T dL/du = scaling_factor * dL/deps: checked against a central difference of the loss."""
   pipe, recs = world["pipe"], world["recs"][:BATCH]
@@ -289,7 +289,7 @@ def test_exact_vs_skip_gradient(world, runs):
   for mode in refinement.GRAD_MODES:
     rcfg = refinement.RefineConfig(iterations=cfg.iterations, loss=cfg.loss, grad_mode=mode)
     args = _batch_args(world, recs, cfg, mesh)
-    fn = synthesis.batch_program(pipe, rcfg, cfg.steps, None, world["logits_fn"], mesh,
+    fn = synthesis.BatchProgram(pipe, rcfg, cfg.steps, None, world["logits_fn"], mesh,
                                  parallel.param_shardings(world["params"], mesh))
     _, scores, losses, eps, _ = fn(*args)
     out[mode] = dict(update=(eps0 - np.asarray(eps)) / cfg.step_size, scores=np.asarray(scores),
@@ -353,7 +353,7 @@ def test_batch_program_equals_one_program_and_reuses_its_executables(world):
   shardings = parallel.param_shardings(world["params"], mesh)
   whole = jax.jit(functools.partial(synthesis.synthesize_batch, pipe, rcfg, cfg.steps, None, counted))
   expected = [np.asarray(x) for x in whole(*_batch_args(world, recs, cfg, mesh))]
-  program = synthesis.batch_program(pipe, rcfg, cfg.steps, None, counted, mesh, shardings)
+  program = synthesis.BatchProgram(pipe, rcfg, cfg.steps, None, counted, mesh, shardings)
   program = program.compile(*_batch_args(world, recs, cfg, mesh))
   assert set(program.compile_seconds) == {"lower_s", "xla_s"}
   got = [np.asarray(x) for x in program(*_batch_args(world, recs, cfg, mesh))]

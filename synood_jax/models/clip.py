@@ -487,7 +487,7 @@ def from_pretrained(path: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | 
   config = dataclasses.replace(config, projection=_has_projection(hf, state))
   module = CLIP(config, dtype=dtype, param_dtype=param_dtype or dtype)
   params = checkpoint_io.state_dict_to_params(state, abstract_params(module), source, rename=_renamer(config),
-                                              place=lambda path, x: jax.device_put(x))  # no per-shape compile
+                                              place=checkpoint_io.to_device)
   if tokenizer_path is not None and not has_tokenizer(tokenizer_path):
     raise CheckpointError(f"{tokenizer_path}: no tokenizer files (vocab.json + merges.txt or tokenizer.json)")
   folder = tokenizer_path or path

@@ -28,7 +28,7 @@ def load_folder(folder: str, subfolder, build, param_shapes, dtype, rename=lambd
   module = build(config, dtype, source=os.path.join(folder, "config.json"))
   state, source = checkpoint_io.load_state_dict(folder)  # lazy: read, converted and placed leaf by leaf
   params = checkpoint_io.state_dict_to_params(state, param_shapes(module), source, rename=rename,
-                                              place=lambda path, x: jax.device_put(x))  # no per-shape compile
+                                              place=checkpoint_io.to_device)
   return module, params
 
 

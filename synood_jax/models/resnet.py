@@ -110,21 +110,15 @@ class ResNet(nn.Module):
 
 
 def _read_state_dict(path: str) -> Mapping[str, np.ndarray]:
-  """A torchvision state dict from a `.pth`/`.pt`/`.bin` file (lazy, read without torch), a `.safetensors`
-  file or an HF-style folder."""
+  """A torchvision state dict from a `.pth`/`.pt`/`.bin` or a `.safetensors` file (both read lazily, without
+  torch) or an HF-style folder."""
   if os.path.isdir(path):
     state, _ = checkpoint_io.load_state_dict(path)
     return state
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such checkpoint file")
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    try:
-      return load_file(path)
-    except TypeError:  # bfloat16 has no numpy dtype
-      return checkpoint_io._load_torch(path, safetensors=True)  # pylint: disable=protected-access
-    except Exception as e:  # noqa: BLE001  (header / truncation errors come as several types)
-      raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    return checkpoint_io.SafetensorsFile(path)  # lazy; bfloat16 widened without torch
   try:
     return checkpoint_io.read_torch_file(path)
   except CheckpointError:
@@ -164,9 +158,8 @@ def resnet_params_from_state_dict(module: ResNet, state: Mapping[str, np.ndarray
                           + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
                           + f" for ResNet(layers={tuple(module.layers)}, width={module.width}, "
                             f"num_classes={module.num_classes})")
-  params = checkpoint_io.state_dict_to_params(state, expected, source, rename=_rename)
-  # device_put, not jnp.asarray: the latter compiles a small program per leaf shape (16 ms each on CPU)
-  return jax.tree_util.tree_map(jax.device_put, params)
+  return checkpoint_io.state_dict_to_params(state, expected, source, rename=_rename,
+                                            place=checkpoint_io.to_device)
 
 
 def load_resnet(path: str, layers: Sequence[int] = RESNET50_LAYERS, width: int = 64, num_classes: int = 1000,

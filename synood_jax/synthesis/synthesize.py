@@ -78,7 +78,7 @@ def _load_images(chunk: Sequence[tuple[dict, str]], root: str, size: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# The jitted per-batch program.
+# The per-batch programs.
 
 def draw_inputs(pipe, vae_params, images: jax.Array, ids: jax.Array, seed: jax.Array):
   """(z_in, eps): each image's posterior sample of its source, scaled, and its noise, both from
@@ -218,12 +218,13 @@ class BatchProgram:
     start_args = (params, images, ids, prompt_ids, negative_ids, seed)
     b, eps = jax.eval_shape(self.start, *start_args)
     c = (masked_latents, first_index, guidance_scale)
-    step = jax.eval_shape(self.update, params, b, c, hyper, eps, eps if self.cfg.grad_mode == "skip" else None)[1:]
+    update_args = (params, b, c, hyper, eps, eps if self.cfg.grad_mode == "skip" else None)  # z0 is eps-shaped
+    step = jax.eval_shape(self.update, *update_args)[1:]
     lowered = {"start": self.start.lower(*start_args),
                "sample": self.sample.lower(params, b, c, eps),
                "outcome": self.outcome.lower(params, b, c, hyper, eps, (step,) * (self.cfg.iterations - 1))}
     if self.cfg.iterations > 1:
-      lowered["update"] = self.update.lower(params, b, c, hyper, eps, eps if self.cfg.grad_mode == "skip" else None)
+      lowered["update"] = self.update.lower(*update_args)
     t1 = time.perf_counter()
     with futures.ThreadPoolExecutor(len(lowered), "synthesis-compile") as pool:
       done = {name: pool.submit(low.compile) for name, low in lowered.items()}
@@ -231,12 +232,6 @@ class BatchProgram:
         setattr(self, name, fut.result())
     self.compile_seconds = {"lower_s": t1 - t0, "xla_s": time.perf_counter() - t1}
     return self
-
-
-def batch_program(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
-                  logits_fn: Callable, mesh, param_shardings) -> BatchProgram:
-  """The per-batch synthesis program (`BatchProgram`)."""
-  return BatchProgram(pipe, refine_cfg, steps, decode_chunk, logits_fn, mesh, param_shardings)
 
 
 def place_params(params, mesh):
@@ -391,8 +386,8 @@ def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source
   params, shardings = place_params(params, mesh)
   negative_ids = jnp.asarray(pipe.tokenize([""]))
   masked = masked_image_latents(pipe, params["vae"], config.image_size)
-  step_fn = batch_program(pipe, refine_cfg, config.steps, config.get("decode_chunk") or None, logits_fn, mesh,
-                          shardings)
+  step_fn = BatchProgram(pipe, refine_cfg, config.steps, config.get("decode_chunk") or None, logits_fn, mesh,
+                         shardings)
   consts = (negative_ids, masked, first_index, np.float32(config.guidance_scale), hyper, np.uint32(config.seed))
   offset = jax.process_index() * local_batch if jax.process_count() > 1 else 0
 
