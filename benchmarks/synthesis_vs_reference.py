@@ -61,15 +61,14 @@ class Ours:
   """Our per-batch program as `synthesize` builds and calls it."""
 
   def __init__(self, folder: str, resnet_path: str, dtype=jnp.float32, iterations: int = 3,
-               hyper: refinement.Hyper | None = None):
-    self.pipe, params = pipeline.load_inpaint_pipeline(folder, dtype=dtype)
+               hyper: refinement.Hyper | None = None, attention: str = "auto", decode_chunk: int = 0):
+    self.pipe, params = pipeline.load_inpaint_pipeline(folder, dtype=dtype, attention=attention)
     module, rparams = resnet.load_resnet(resnet_path, dtype=dtype)
     self.logits_fn, params["classifier"] = guidance.resnet50(module, rparams)
     self.mesh = parallel.make_mesh(devices=jax.devices()[:1])
     self.params, shardings = synthesis.place_params(params, self.mesh)
-    self.cfg = refinement.RefineConfig(iterations=iterations)
-    self.program = synthesis.BatchProgram(self.pipe, self.cfg, FLAGS.steps, None, self.logits_fn, self.mesh,
-                                           shardings)
+    self.cfg = refinement.RefineConfig(iterations=iterations, decode_chunk=decode_chunk)
+    self.program = synthesis.BatchProgram(self.pipe, self.cfg, FLAGS.steps, self.logits_fn, self.mesh, shardings)
     self.image = None
     self.hyper = hyper or refinement.Hyper.make(FLAGS.step_size, FLAGS.target, FLAGS.batch)
 

@@ -9,6 +9,7 @@ import re
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -104,6 +105,23 @@ def param_shardings(params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
     logging.warning("sharding: %d param(s) replicated, no dimension divisible by the mesh axis: %s",
                     len(unsharded), ", ".join(unsharded[:10]) + (" ..." if len(unsharded) > 10 else ""))
   return out
+
+
+def map_rows(fn, x: jax.Array, chunk: int):
+  """fn over `chunk` rows of x at a time (lax.map), its outputs (arrays with a leading row axis) back in
+  row order; chunk 0 or >= rows: one call. Chunk j takes rows j, j + n, j + 2n, ... (n = rows / chunk), so
+  a batch laid out in contiguous blocks over the devices gives every device its share of each chunk and
+  the loop runs on all of them at once, not on one device after another."""
+  b = x.shape[0]
+  if not chunk or chunk >= b:
+    return fn(x)
+  if b % chunk:
+    raise ValueError(f"decode_chunk={chunk} does not divide the batch of {b} rows; choose a divisor of "
+                     "synthesis.batch_size (or 0 for the whole batch at once)")
+  n = b // chunk
+  strided = jnp.swapaxes(x.reshape((chunk, n) + x.shape[1:]), 0, 1)   # [n, chunk, ...]
+  out = jax.lax.map(fn, strided)
+  return jax.tree_util.tree_map(lambda y: jnp.swapaxes(y, 0, 1).reshape((b,) + y.shape[2:]), out)
 
 
 def shard_params(params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:

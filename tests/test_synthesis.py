@@ -119,8 +119,10 @@ def tiny_resnet(world):
   return model, module, params
 
 
-@pytest.mark.parametrize("classifier", ["clip", "resnet"])
-def test_skip_gradient_matches_torch_autograd(world, tiny_resnet, classifier):
+@pytest.mark.parametrize("classifier,chunk,devices", [("clip", 0, 1), ("resnet", 0, 1), ("clip", 2, 2)])
+def test_skip_gradient_matches_torch_autograd(world, tiny_resnet, classifier, chunk, devices):
+  """dL/du against torch autograd; also taken 2 rows at a time (decode_chunk) on a batch split over 2
+  devices, the layout that keeps the decoder's gradient within memory at large batches."""
   pipe, params = world["pipe"], world["params"]
   if classifier == "clip":
     fn, cparams = world["logits_fn"], params["classifier"]
@@ -131,7 +133,7 @@ def test_skip_gradient_matches_torch_autograd(world, tiny_resnet, classifier):
     n_classes = RESNET["classes"]
     torch_logits = lambda x: torch_model(torch_preprocess(x, RESNET["resize"], RESNET["crop"]))
   m = float(-np.log(n_classes) - 0.3)
-  cfg, hyper = refinement.RefineConfig(), refinement.Hyper.make(target=m)
+  cfg, hyper = refinement.RefineConfig(decode_chunk=chunk), refinement.Hyper.make(target=m)
   z0 = np.random.default_rng(5).standard_normal((4, LATENT, LATENT, 4)).astype(np.float32)
 
   def decode_fn(p, u):
@@ -141,6 +143,7 @@ def test_skip_gradient_matches_torch_autograd(world, tiny_resnet, classifier):
     return fn(p["classifier"], x)
 
   u0 = inpaint.decoder_input(jnp.asarray(z0), pipe.scaling_factor)
+  u0 = jax.device_put(u0, parallel.batch_sharding(parallel.make_mesh(devices=jax.devices()[:devices]), 4))
   grad, loss, s = jax.jit(functools.partial(refinement.skip_gradient, cfg, hyper, decode_fn, logits_fn))(
       {"vae": params["vae"], "classifier": cparams}, u0)
   grad, loss, s = map(np.asarray, (grad, loss, s))
@@ -160,7 +163,7 @@ def test_skip_gradient_matches_torch_autograd(world, tiny_resnet, classifier):
   rel = np.abs(grad - grad_ref).max() / np.abs(grad_ref).max()
   s_err = np.abs(s - s_ref).max()
   loss_rel = np.abs(loss - loss_ref).max() / np.abs(loss_ref).max()
-  print(f"\n[{classifier}] C={n_classes} m={m:.4f} s={np.round(s, 4)} (torch {np.round(s_ref, 4)}); "
+  print(f"\n[{classifier}, chunk {chunk}, {devices} devices] C={n_classes} m={m:.4f} s={np.round(s, 4)} (torch {np.round(s_ref, 4)}); "
         f"{clamped:.1%} of pixels clamped; dL/du max|diff|/max|ref| = {rel:.2e} (max|ref| "
         f"{np.abs(grad_ref).max():.3e}); s max abs err {s_err:.2e}; loss rel err {loss_rel:.2e}")
   assert np.abs(grad_ref).max() > 0 and np.isfinite(grad).all()
@@ -289,7 +292,7 @@ def test_exact_vs_skip_gradient(world, runs):
   for mode in refinement.GRAD_MODES:
     rcfg = refinement.RefineConfig(iterations=cfg.iterations, loss=cfg.loss, grad_mode=mode)
     args = _batch_args(world, recs, cfg, mesh)
-    fn = synthesis.BatchProgram(pipe, rcfg, cfg.steps, None, world["logits_fn"], mesh,
+    fn = synthesis.BatchProgram(pipe, rcfg, cfg.steps, world["logits_fn"], mesh,
                                  parallel.param_shardings(world["params"], mesh))
     _, scores, losses, eps, _ = fn(*args)
     out[mode] = dict(update=(eps0 - np.asarray(eps)) / cfg.step_size, scores=np.asarray(scores),
@@ -310,7 +313,7 @@ def test_exact_vs_skip_gradient(world, runs):
   @jax.jit
   def loss_fn(eps, params_, images, ids, prompt_ids, negative_ids, masked, first, guidance, hyper, seed):
     z_in, _ = synthesis.draw_inputs(pipe, params_["vae"], images, ids, seed)
-    _, _, losses, _, _ = synthesis.refine_batch(pipe, one, cfg.steps, None, world["logits_fn"], params_, z_in, eps,
+    _, _, losses, _, _ = synthesis.refine_batch(pipe, one, cfg.steps, world["logits_fn"], params_, z_in, eps,
                                                 prompt_ids, negative_ids, masked, first, guidance, hyper)
     return jnp.sum(losses)
 
@@ -351,9 +354,9 @@ def test_batch_program_equals_one_program_and_reuses_its_executables(world):
 
   rcfg = refinement.RefineConfig(iterations=3)
   shardings = parallel.param_shardings(world["params"], mesh)
-  whole = jax.jit(functools.partial(synthesis.synthesize_batch, pipe, rcfg, cfg.steps, None, counted))
+  whole = jax.jit(functools.partial(synthesis.synthesize_batch, pipe, rcfg, cfg.steps, counted))
   expected = [np.asarray(x) for x in whole(*_batch_args(world, recs, cfg, mesh))]
-  program = synthesis.BatchProgram(pipe, rcfg, cfg.steps, None, counted, mesh, shardings)
+  program = synthesis.BatchProgram(pipe, rcfg, cfg.steps, counted, mesh, shardings)
   program = program.compile(*_batch_args(world, recs, cfg, mesh))
   assert set(program.compile_seconds) == {"lower_s", "xla_s"}
   got = [np.asarray(x) for x in program(*_batch_args(world, recs, cfg, mesh))]
@@ -470,7 +473,7 @@ def official_vs_ours(world, ow, kind):
 
 @functools.lru_cache(maxsize=None)
 def _refine_fn(pipe, cfg, logits_fn):
-  return jax.jit(functools.partial(synthesis.refine_batch, pipe, cfg, 20, None, logits_fn))
+  return jax.jit(functools.partial(synthesis.refine_batch, pipe, cfg, 20, logits_fn))
 
 
 def format_rows(kind, rows, free, free_ref) -> str:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synood_jax import parallel
 from synood_jax.diffusion import schedulers
 
 
@@ -103,17 +104,10 @@ def decoder_input(latents, scaling_factor: float, latents_mean=None, latents_std
 
 def decode_unscaled(vae_fn, vae_params, u, chunk: int | None = None):
   """Images in [0, 1] from decoder inputs u: clip(D(u) / 2 + 0.5); decode `chunk` rows at a time
-  (lax.map) so a large batch does not run out of memory in the VAE decoder."""
+  (`parallel.map_rows`) so a large batch does not run out of memory in the VAE decoder."""
   def one(z):
     return jnp.clip(vae_fn(vae_params, z).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-  b = u.shape[0]
-  if chunk and chunk < b and b % chunk:
-    raise ValueError(f"decode_chunk={chunk} does not divide the batch of {b} latents; choose a divisor "
-                     "of synthesis.batch_size (or 0 to decode the whole batch at once)")
-  if not chunk or chunk >= b:
-    return one(u)
-  out = jax.lax.map(one, u.reshape((b // chunk, chunk) + u.shape[1:]))
-  return out.reshape((b,) + out.shape[2:])
+  return parallel.map_rows(one, u, chunk or 0)
 
 
 def decode_images(vae_fn, vae_params, latents, scaling_factor: float, chunk: int | None = None):

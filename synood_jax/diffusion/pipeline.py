@@ -74,14 +74,15 @@ class InpaintPipeline:
 
 
 def load_inpaint_pipeline(folder: str, dtype=jnp.float32, scheduler: str | None = None,
-                          scheduler_overrides: dict | None = None):
+                          scheduler_overrides: dict | None = None, attention: str = "auto"):
   """-> (InpaintPipeline, params {'unet', 'vae', 'text'}).
 
   `scheduler` overrides the folder's class ('ddim', 'pndm', 'dpmsolver_multistep' or a diffusers class
   name), read from the folder's scheduler_config.json like diffusers' `OtherScheduler.from_config`;
   `scheduler_overrides` replaces config fields ({'timestep_spacing': 'trailing'}). As
   StableDiffusionInpaintPipeline does, `steps_offset` becomes 1 and PNDM's `skip_prk_steps` True
-  (see `schedulers.inpaint_pipeline_scheduler`)."""
+  (see `schedulers.inpaint_pipeline_scheduler`). `attention` names the attention kernel of all three
+  networks (models/attention.py: 'auto' picks per backend)."""
   if not os.path.isfile(os.path.join(folder, "model_index.json")):
     raise CheckpointError(f"{folder}: no model_index.json: not a diffusers pipeline folder")
   for sub in SUBFOLDERS:
@@ -89,10 +90,11 @@ def load_inpaint_pipeline(folder: str, dtype=jnp.float32, scheduler: str | None 
       raise CheckpointError(f"{folder}: missing subfolder {sub!r} (a diffusers pipeline has {SUBFOLDERS})")
   sched_cfg = schedulers.load_scheduler_config(os.path.join(folder, "scheduler"))
   sched = schedulers.inpaint_pipeline_scheduler(sched_cfg, scheduler, **(scheduler_overrides or {}))
-  unet_module, unet_params = unet_lib.from_pretrained(os.path.join(folder, "unet"), dtype=dtype)
-  vae_module, vae_params = vae_lib.from_pretrained(os.path.join(folder, "vae"), dtype=dtype)
+  unet_module, unet_params = unet_lib.from_pretrained(os.path.join(folder, "unet"), dtype=dtype,
+                                                      attention=attention)
+  vae_module, vae_params = vae_lib.from_pretrained(os.path.join(folder, "vae"), dtype=dtype, attention=attention)
   text = clip.from_pretrained(os.path.join(folder, "text_encoder"), dtype=dtype,
-                              tokenizer_path=os.path.join(folder, "tokenizer"))
+                              tokenizer_path=os.path.join(folder, "tokenizer"), attention=attention)
   sample_size = checkpoint_io.read_config(os.path.join(folder, "unet")).get("sample_size", 64)
   if isinstance(sample_size, (list, tuple)):
     sample_size = sample_size[0]

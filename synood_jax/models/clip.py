@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synood_jax import fileio
-from synood_jax.models import checkpoint_io, clip_preprocess, zero_shot as zero_shot_lib
+from synood_jax.models import attention as attention_lib, checkpoint_io, clip_preprocess, zero_shot as zero_shot_lib
 from synood_jax.models.checkpoint_io import CheckpointError
 
 Dtype = Any
@@ -144,10 +144,11 @@ def _normal(std: float):
 
 
 class _TowerModule(nn.Module):
-  """The fields every module of a tower takes: its config, compute and param dtypes."""
+  """The fields every module of a tower takes: its config, compute and param dtypes, attention kernel."""
   cfg: TowerConfig
   dtype: Dtype
   param_dtype: Dtype
+  attention: str = "auto"          # the kernel (models/attention.py)
 
 
 class LayerNorm(nn.Module):
@@ -167,7 +168,8 @@ class LayerNorm(nn.Module):
     return ((x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
 
 
-def _ln(cfg: TowerConfig, dtype, param_dtype, name=None):
+def _ln(cfg: TowerConfig, dtype, param_dtype, attention=None, name=None):
+  del attention  # the tower's fields arrive together
   return LayerNorm(cfg.layer_norm_eps, dtype, param_dtype, name=name)
 
 
@@ -184,14 +186,7 @@ class Attention(_TowerModule):
     q = split(dense(kernel_init=_normal(in_std), name="q_proj")(x))
     k = split(dense(kernel_init=_normal(in_std), name="k_proj")(x))
     v = split(dense(kernel_init=_normal(in_std), name="v_proj")(x))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(head_dim**-0.5, q.dtype), k)
-    scores = scores.astype(jnp.float32)  # softmax in float32 whatever the compute dtype
-    if causal:
-      n = x.shape[1]
-      mask = jnp.tril(jnp.ones((n, n), bool))
-      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape[:-1] + (width,))
+    out = attention_lib.attention(q, k, v, causal, self.attention).reshape(x.shape[:-1] + (width,))
     return dense(kernel_init=_normal(width**-0.5 * c.initializer_factor), name="out_proj")(out)
 
 
@@ -213,7 +208,7 @@ class EncoderLayer(_TowerModule):
 
   @nn.compact
   def __call__(self, x, causal: bool):
-    a = (self.cfg, self.dtype, self.param_dtype)
+    a = (self.cfg, self.dtype, self.param_dtype, self.attention)
     x = x + Attention(*a, name="self_attn")(_ln(*a, name="layer_norm1")(x), causal)
     return x + MLP(*a, name="mlp")(_ln(*a, name="layer_norm2")(x))
 
@@ -223,7 +218,7 @@ class Encoder(_TowerModule):
   @nn.compact
   def __call__(self, x, causal: bool = False):
     for i in range(self.cfg.num_hidden_layers):
-      x = EncoderLayer(self.cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(x, causal)
+      x = EncoderLayer(self.cfg, self.dtype, self.param_dtype, self.attention, name=f"layers_{i}")(x, causal)
     return x
 
 
@@ -254,7 +249,7 @@ class VisionTransformer(_TowerModule):
     if images.shape[1:] != (c.image_size, c.image_size, c.num_channels):
       raise ValueError(f"CLIP vision: images must be NHWC [B, {c.image_size}, {c.image_size}, "
                        f"{c.num_channels}], got {images.shape}")
-    a = (c, self.dtype, self.param_dtype)
+    a = (c, self.dtype, self.param_dtype, self.attention)
     x = VisionEmbeddings(*a, name="embeddings")(images)
     x = _ln(*a, name="pre_layrnorm")(x)  # sic: transformers' spelling
     x = Encoder(*a, name="encoder")(x)
@@ -280,7 +275,7 @@ class TextTransformer(_TowerModule):
     if ids.shape[-1] > c.max_position_embeddings:
       raise ValueError(f"CLIP text: {ids.shape[-1]} tokens > max_position_embeddings "
                        f"{c.max_position_embeddings}")
-    a = (c, self.dtype, self.param_dtype)
+    a = (c, self.dtype, self.param_dtype, self.attention)
     x = TextEmbeddings(*a, name="embeddings")(ids)
     x = Encoder(*a, name="encoder")(x, causal=True)
     return _ln(*a, name="final_layer_norm")(x)  # last hidden states [B, L, D]
@@ -300,17 +295,18 @@ class CLIP(nn.Module):
   config: CLIPConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   def setup(self):
     c = self.config
     if c.vision is not None:
-      self.vision_model = VisionTransformer(c.vision, self.dtype, self.param_dtype)
+      self.vision_model = VisionTransformer(c.vision, self.dtype, self.param_dtype, self.attention)
       if c.projection:
         self.visual_projection = nn.Dense(
             c.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=_normal(c.vision.hidden_size**-0.5 * c.vision.initializer_factor))
     if c.text is not None:
-      self.text_model = TextTransformer(c.text, self.dtype, self.param_dtype)
+      self.text_model = TextTransformer(c.text, self.dtype, self.param_dtype, self.attention)
       if c.projection:
         self.text_projection = nn.Dense(
             c.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -475,7 +471,7 @@ def _has_projection(hf: dict, state: dict) -> bool:
 
 
 def from_pretrained(path: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None,
-                    tokenizer_path: str | None = None) -> CLIPBundle:
+                    tokenizer_path: str | None = None, attention: str = "auto") -> CLIPBundle:
   """Load a HF CLIPModel, CLIP{Vision,Text}ModelWithProjection or CLIP{Vision,Text}Model folder.
 
   `dtype` is the compute dtype and, unless `param_dtype` says otherwise, the param dtype.
@@ -485,7 +481,8 @@ def from_pretrained(path: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | 
   config = config_from_hf(hf, os.path.join(path, "config.json"))  # config errors before reading weights
   state, source = checkpoint_io.load_state_dict(path)
   config = dataclasses.replace(config, projection=_has_projection(hf, state))
-  module = CLIP(config, dtype=dtype, param_dtype=param_dtype or dtype)
+  module = CLIP(config, dtype=dtype, param_dtype=param_dtype or dtype,
+                attention=attention_lib.check_choice(attention))
   params = checkpoint_io.state_dict_to_params(state, abstract_params(module), source, rename=_renamer(config),
                                               place=checkpoint_io.to_device)
   if tokenizer_path is not None and not has_tokenizer(tokenizer_path):

@@ -3,7 +3,7 @@
 Module and param names follow diffusers so `checkpoint_io` converts state dicts generically:
 a Python list in torch (`resnets.0`) is a Flax child named `resnets_0`.
 Compute runs in `dtype` (float32 or bfloat16); GroupNorm/LayerNorm statistics and attention
-softmax always run in float32.
+softmax always run in float32. `attention` names the attention kernel (models/attention.py).
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from synood_jax.models import attention as attention_lib
 
 Dtype = Any
 
@@ -193,18 +195,6 @@ class Upsample2D(nn.Module):
     return conv(self.out_channels, 3, self.dtype, "conv")(x)
 
 
-def attention(q, k, v):
-  """softmax(q k^T / sqrt(d)) v over [B, T, heads, d], logits and softmax in float32.
-
-  Heads are moved next to the batch before the two matmuls: on CPU this layout runs 1.6x faster
-  than `jax.nn.dot_product_attention`'s XLA path (76 vs 124 ms at 1024 tokens x 8 heads, batch 4).
-  """
-  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, heads, T, d]
-  logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(logits * q.shape[-1] ** -0.5, axis=-1).astype(v.dtype)
-  return jnp.swapaxes(jnp.matmul(weights, v), 1, 2)
-
-
 class Attention(nn.Module):
   """diffusers `Attention` on [B, T, C] tokens: to_q/to_k/to_v, heads, to_out.0.
 
@@ -219,6 +209,7 @@ class Attention(nn.Module):
   norm_eps: float = 1e-6
   residual: bool = False
   dtype: Dtype = jnp.float32
+  attention: str = "auto"       # the kernel (models/attention.py)
 
   @nn.compact
   def __call__(self, x, context=None):
@@ -230,7 +221,8 @@ class Attention(nn.Module):
     q = dense(inner, self.dtype, "to_q", self.qkv_bias)(x)
     k = dense(inner, self.dtype, "to_k", self.qkv_bias)(context)
     v = dense(inner, self.dtype, "to_v", self.qkv_bias)(context)
-    h = attention(*(t.reshape(t.shape[:2] + (self.heads, self.dim_head)) for t in (q, k, v)))
+    heads = (t.reshape(t.shape[:2] + (self.heads, self.dim_head)) for t in (q, k, v))
+    h = attention_lib.attention(*heads, kernel=self.attention)
     h = dense(self.out_dim, self.dtype, "to_out_0")(h.reshape(x.shape[:2] + (inner,)))
     return h + residual if self.residual else h
 
@@ -263,13 +255,14 @@ class BasicTransformerBlock(nn.Module):
   heads: int
   dim_head: int
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, context):
-    d = self.dtype
-    x = x + Attention(self.heads, self.dim_head, self.dim, dtype=d, name="attn1")(
+    d, kernel = self.dtype, self.attention
+    x = x + Attention(self.heads, self.dim_head, self.dim, dtype=d, attention=kernel, name="attn1")(
         layer_norm(1e-5, d, "norm1")(x))
-    x = x + Attention(self.heads, self.dim_head, self.dim, dtype=d, name="attn2")(
+    x = x + Attention(self.heads, self.dim_head, self.dim, dtype=d, attention=kernel, name="attn2")(
         layer_norm(1e-5, d, "norm2")(x), context)
     return x + FeedForward(self.dim, dtype=d, name="ff")(layer_norm(1e-5, d, "norm3")(x))
 
@@ -282,6 +275,7 @@ class Transformer2DModel(nn.Module):
   use_linear_projection: bool
   num_layers: int = 1
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, context):
@@ -292,7 +286,7 @@ class Transformer2DModel(nn.Module):
     h = GroupNorm(self.groups, 1e-6, self.dtype, name="norm")(x)
     h = proj(inner, "proj_in")(h).reshape(b, hh * ww, inner)
     for i in range(self.num_layers):
-      h = BasicTransformerBlock(inner, self.heads, self.dim_head, self.dtype,
+      h = BasicTransformerBlock(inner, self.heads, self.dim_head, self.dtype, self.attention,
                                 name=f"transformer_blocks_{i}")(h, context)
     h = proj(c, "proj_out")(h.reshape(b, hh, ww, inner))
     return h + x

@@ -5,12 +5,14 @@ eps_theta(x_t, t, c): the denoiser of SD's reverse process (epsilon or v predict
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from synood_jax.models import attention as attention_lib
 from synood_jax.models import diffusion_layers as L
 
 CLASS_NAME = "UNet2DConditionModel"
@@ -147,6 +149,7 @@ class DownBlock(nn.Module):
   with_attn: bool
   add_downsample: bool
   dtype: Any = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, temb, context):
@@ -156,7 +159,8 @@ class DownBlock(nn.Module):
       x = L.ResnetBlock2D(ch, c.norm_num_groups, c.norm_eps, dtype=self.dtype, name=f"resnets_{j}")(x, temb)
       if self.with_attn:
         x = L.Transformer2DModel(c.heads[i], ch // c.heads[i], c.norm_num_groups, c.use_linear_projection,
-                                 c.transformer_layers[i], self.dtype, name=f"attentions_{j}")(x, context)
+                                 c.transformer_layers[i], self.dtype, self.attention,
+                                 name=f"attentions_{j}")(x, context)
       skips.append(x)
     if self.add_downsample:
       x = L.Downsample2D(ch, c.downsample_padding, self.dtype, name="downsamplers_0")(x)
@@ -168,6 +172,7 @@ class MidBlock(nn.Module):
   """UNetMidBlock2DCrossAttn: resnet, transformer, resnet."""
   cfg: UNetConfig
   dtype: Any = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, temb, context):
@@ -177,7 +182,7 @@ class MidBlock(nn.Module):
                                        self.dtype, name=name)
     x = res("resnets_0")(x, temb)
     x = L.Transformer2DModel(heads, ch // heads, c.norm_num_groups, c.use_linear_projection,
-                             c.transformer_layers[-1], self.dtype, name="attentions_0")(x, context)
+                             c.transformer_layers[-1], self.dtype, self.attention, name="attentions_0")(x, context)
     return res("resnets_1")(x, temb)
 
 
@@ -188,6 +193,7 @@ class UpBlock(nn.Module):
   with_attn: bool
   add_upsample: bool
   dtype: Any = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, temb, context, skips, upsample_size=None):
@@ -199,7 +205,8 @@ class UpBlock(nn.Module):
       x = L.ResnetBlock2D(ch, c.norm_num_groups, c.norm_eps, dtype=self.dtype, name=f"resnets_{j}")(x, temb)
       if self.with_attn:
         x = L.Transformer2DModel(heads, ch // heads, c.norm_num_groups, c.use_linear_projection,
-                                 c.transformer_layers[rev], self.dtype, name=f"attentions_{j}")(x, context)
+                                 c.transformer_layers[rev], self.dtype, self.attention,
+                                 name=f"attentions_{j}")(x, context)
     if self.add_upsample:
       x = L.Upsample2D(ch, self.dtype, name="upsamplers_0")(x, upsample_size)
     return x
@@ -209,6 +216,7 @@ class UNet2DConditionModel(nn.Module):
   """apply({'params': p}, sample [B,H,W,Cin], timesteps scalar or [B], context [B,L,D]) -> [B,H,W,Cout]."""
   cfg: UNetConfig
   dtype: Any = jnp.float32
+  attention: str = "auto"       # the attention kernel (models/attention.py)
 
   @nn.compact
   def __call__(self, sample, timesteps, encoder_hidden_states):
@@ -228,17 +236,18 @@ class UNet2DConditionModel(nn.Module):
 
     skips, n = [x], len(c.block_out_channels)
     for i, kind in enumerate(c.down_block_types):
-      x, s = DownBlock(c, i, kind == "CrossAttnDownBlock2D", i < n - 1, d, name=f"down_blocks_{i}")(
+      x, s = DownBlock(c, i, kind == "CrossAttnDownBlock2D", i < n - 1, d, self.attention,
+                       name=f"down_blocks_{i}")(
           x, temb, context)
       skips += s
-    x = MidBlock(c, d, name="mid_block")(x, temb, context)
+    x = MidBlock(c, d, self.attention, name="mid_block")(x, temb, context)
     # Sizes not divisible by the total stride: upsample to the skip's size, as diffusers does.
     odd = any(s % 2 ** (n - 1) for s in sample.shape[1:3])
     for i, kind in enumerate(c.up_block_types):
       k = c.layers_per_block[n - 1 - i] + 1
       block_skips, skips = skips[-k:], skips[:-k]
       size = skips[-1].shape[1:3] if (odd and i < n - 1) else None
-      x = UpBlock(c, i, kind == "CrossAttnUpBlock2D", i < n - 1, d, name=f"up_blocks_{i}")(
+      x = UpBlock(c, i, kind == "CrossAttnUpBlock2D", i < n - 1, d, self.attention, name=f"up_blocks_{i}")(
           x, temb, context, list(block_skips), size)
     x = nn.silu(L.GroupNorm(c.norm_num_groups, c.norm_eps, d, name="conv_norm_out")(x))
     return L.conv(c.out_channels, c.conv_out_kernel, d, "conv_out")(x)
@@ -247,8 +256,10 @@ class UNet2DConditionModel(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Folders.
 
-def build(config: dict, dtype=jnp.float32, source: str = "config") -> UNet2DConditionModel:
-  return UNet2DConditionModel(UNetConfig.from_dict(dict(config), source), dtype)
+def build(config: dict, dtype=jnp.float32, source: str = "config",
+          attention: str = "auto") -> UNet2DConditionModel:
+  return UNet2DConditionModel(UNetConfig.from_dict(dict(config), source), dtype,
+                              attention_lib.check_choice(attention))
 
 
 def _dummy_inputs(module: UNet2DConditionModel, dtype):
@@ -268,9 +279,9 @@ def param_shapes(module: UNet2DConditionModel) -> dict:
   return shapes["params"]
 
 
-def from_pretrained(folder: str, dtype=jnp.float32, subfolder: str | None = None):
+def from_pretrained(folder: str, dtype=jnp.float32, subfolder: str | None = None, attention: str = "auto"):
   """A diffusers UNet folder (config.json + safetensors or .bin) -> (module, params)."""
-  return L.load_folder(folder, subfolder, build, param_shapes, dtype)
+  return L.load_folder(folder, subfolder, functools.partial(build, attention=attention), param_shapes, dtype)
 
 
 def save_pretrained(config: dict, params, folder: str) -> None:

@@ -6,12 +6,14 @@ q(z|x) = N(mean, exp(logvar)) from `encode`; x = D(z) from `decode`; latents are
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from synood_jax.models import attention as attention_lib
 from synood_jax.models import diffusion_layers as L
 
 CLASS_NAME = "AutoencoderKL"
@@ -86,6 +88,7 @@ class MidBlock(nn.Module):
   groups: int
   add_attention: bool
   dtype: Any = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -94,7 +97,7 @@ class MidBlock(nn.Module):
     if self.add_attention:
       b, h, w, _ = x.shape
       attn = L.Attention(1, c, c, qkv_bias=True, norm_groups=g, norm_eps=1e-6, residual=True, dtype=d,
-                         name="attentions_0")
+                         attention=self.attention, name="attentions_0")
       x = attn(x.reshape(b, h * w, c)).reshape(b, h, w, c)
     return L.ResnetBlock2D(c, g, 1e-6, dtype=d, name="resnets_1")(x)
 
@@ -134,6 +137,7 @@ class UpDecoderBlock2D(nn.Module):
 class Encoder(nn.Module):
   cfg: VAEConfig
   dtype: Any = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -142,7 +146,7 @@ class Encoder(nn.Module):
     x = L.conv(boc[0], 3, d, "conv_in")(x.astype(d))
     for i, ch in enumerate(boc):
       x = DownEncoderBlock2D(ch, g, c.layers_per_block, i < len(boc) - 1, d, name=f"down_blocks_{i}")(x)
-    x = MidBlock(boc[-1], g, c.mid_block_add_attention, d, name="mid_block")(x)
+    x = MidBlock(boc[-1], g, c.mid_block_add_attention, d, self.attention, name="mid_block")(x)
     x = nn.silu(L.GroupNorm(g, 1e-6, d, name="conv_norm_out")(x))
     return L.conv(2 * c.latent_channels, 3, d, "conv_out")(x)
 
@@ -150,13 +154,14 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   cfg: VAEConfig
   dtype: Any = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, z):
     c, d = self.cfg, self.dtype
     boc, g = c.block_out_channels[::-1], c.norm_num_groups
     x = L.conv(boc[0], 3, d, "conv_in")(z.astype(d))
-    x = MidBlock(boc[0], g, c.mid_block_add_attention, d, name="mid_block")(x)
+    x = MidBlock(boc[0], g, c.mid_block_add_attention, d, self.attention, name="mid_block")(x)
     for i, ch in enumerate(boc):
       x = UpDecoderBlock2D(ch, g, c.layers_per_block + 1, i < len(boc) - 1, d, name=f"up_blocks_{i}")(x)
     x = nn.silu(L.GroupNorm(g, 1e-6, d, name="conv_norm_out")(x))
@@ -167,6 +172,7 @@ class AutoencoderKL(nn.Module):
   """Call `apply(..., method=module.encode)` or `method=module.decode`; `__call__` runs both (init)."""
   cfg: VAEConfig
   dtype: Any = jnp.float32
+  attention: str = "auto"       # the mid-blocks' attention kernel (models/attention.py)
 
   @property
   def scaling_factor(self) -> float:
@@ -174,8 +180,8 @@ class AutoencoderKL(nn.Module):
 
   def setup(self):
     c, d = self.cfg, self.dtype
-    self.encoder = Encoder(c, d)
-    self.decoder = Decoder(c, d)
+    self.encoder = Encoder(c, d, self.attention)
+    self.decoder = Decoder(c, d, self.attention)
     if c.use_quant_conv:
       self.quant_conv = L.conv(2 * c.latent_channels, 1, d, None)
     if c.use_post_quant_conv:
@@ -226,8 +232,8 @@ def _rename(key: str) -> str:
   return ".".join(parts)
 
 
-def build(config: dict, dtype=jnp.float32, source: str = "config") -> AutoencoderKL:
-  return AutoencoderKL(VAEConfig.from_dict(dict(config), source), dtype)
+def build(config: dict, dtype=jnp.float32, source: str = "config", attention: str = "auto") -> AutoencoderKL:
+  return AutoencoderKL(VAEConfig.from_dict(dict(config), source), dtype, attention_lib.check_choice(attention))
 
 
 def _dummy(module: AutoencoderKL, dtype):
@@ -244,9 +250,10 @@ def init_params(config: dict, rng, dtype=jnp.float32) -> dict:
   return L.random_params(param_shapes(build(config, dtype)), rng)
 
 
-def from_pretrained(folder: str, dtype=jnp.float32, subfolder: str | None = None):
+def from_pretrained(folder: str, dtype=jnp.float32, subfolder: str | None = None, attention: str = "auto"):
   """A diffusers AutoencoderKL folder -> (module, params)."""
-  return L.load_folder(folder, subfolder, build, param_shapes, dtype, rename=_rename)
+  return L.load_folder(folder, subfolder, functools.partial(build, attention=attention), param_shapes, dtype,
+                       rename=_rename)
 
 
 def save_pretrained(config: dict, params, folder: str) -> None:

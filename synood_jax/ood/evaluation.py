@@ -597,7 +597,8 @@ def evaluate_config(config, workdir: str) -> dict:
   if not config.models.clip_path:
     raise ValueError("config.models.clip_path is empty: the evaluation needs a CLIP folder")
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-  bundle = clip_lib.from_pretrained(config.models.clip_path, dtype=jnp.dtype(config.models.dtype))
+  bundle = clip_lib.from_pretrained(config.models.clip_path, dtype=jnp.dtype(config.models.dtype),
+                                    attention=config.models.get("attention", "auto"))
   params = parallel.shard_params(bundle.params, mesh, config.mesh.sharding_rules)
   classnames = config.data.classnames
   if classnames == "folders":

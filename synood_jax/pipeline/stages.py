@@ -74,8 +74,8 @@ class Context:
   @functools.cached_property
   def clip(self):
     from synood_jax.models import clip
-    return clip.from_pretrained(model_paths(self.config, self.wd)[0],
-                                dtype=jnp.dtype(self.config.models.dtype))
+    return clip.from_pretrained(model_paths(self.config, self.wd)[0], dtype=jnp.dtype(self.config.models.dtype),
+                                attention=self.config.models.get("attention", "auto"))
 
   def class_index(self, root: str) -> imagenet_classes.ClassIndex:
     """Each class folder of `root`'s class index, from its name (a wnid, or a class file's entry)."""
@@ -111,7 +111,8 @@ class Context:
     from synood_jax.diffusion import pipeline
     c = self.config
     pipe, params = pipeline.load_inpaint_pipeline(model_paths(c, self.wd)[1], dtype=jnp.dtype(c.models.dtype),
-                                                  scheduler=c.synthesis.get("scheduler") or None)
+                                                  scheduler=c.synthesis.get("scheduler") or None,
+                                                  attention=c.models.get("attention", "auto"))
     logits_fn, params["classifier"] = _guidance(self)
     return pipe, parallel.shard_params(params, self.mesh, self.config.mesh.sharding_rules), logits_fn
 

@@ -100,7 +100,7 @@ def text_context(pipe, text_params, prompt_ids: jax.Array, negative_ids: jax.Arr
   return cond, jnp.broadcast_to(pipe.text_hidden(text_params, negative_ids), cond.shape)
 
 
-def refine_models(pipe, steps: int, decode_chunk: int | None, logits_fn: Callable, grad_mode: str,
+def refine_models(pipe, refine_cfg: refinement.RefineConfig, steps: int, logits_fn: Callable,
                   z_in: jax.Array, cond: jax.Array, uncond: jax.Array, masked_latents: jax.Array,
                   first_index: jax.Array, guidance_scale: jax.Array) -> refinement.Models:
   """The in-painting pipeline and classifier as `refinement.Models` for one batch (its source latents
@@ -114,27 +114,26 @@ def refine_models(pipe, steps: int, decode_chunk: int | None, logits_fn: Callabl
       noise=lambda e: schedulers.add_noise(pipe.scheduler, z_in, e, jnp.full((e.shape[0],), t0)),
       sample=lambda p, z_t: inpaint.sample_latents(pipe.unet, pipe.scheduler, p["unet"], z_t, cond, uncond, mask,
                                                    masked, guidance_scale, steps, first_index, image_latents=z_in,
-                                                   noise=z_t, remat=grad_mode == "exact"),
+                                                   noise=z_t, remat=refine_cfg.grad_mode == "exact"),
       input=lambda z0: inpaint.decoder_input(z0, pipe.scaling_factor, vae_cfg.latents_mean, vae_cfg.latents_std),
-      decode=lambda p, u: inpaint.decode_unscaled(pipe.vae_decode, p["vae"], u, decode_chunk),
+      decode=lambda p, u: inpaint.decode_unscaled(pipe.vae_decode, p["vae"], u, refine_cfg.decode_chunk),
       logits=lambda p, x: logits_fn(p["classifier"], x))
 
 
-def refine_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
-                 logits_fn: Callable, params: dict, z_in: jax.Array, eps: jax.Array, prompt_ids: jax.Array,
-                 negative_ids: jax.Array, masked_latents: jax.Array, first_index: jax.Array,
-                 guidance_scale: jax.Array, hyper: refinement.Hyper):
+def refine_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, logits_fn: Callable, params: dict,
+                 z_in: jax.Array, eps: jax.Array, prompt_ids: jax.Array, negative_ids: jax.Array,
+                 masked_latents: jax.Array, first_index: jax.Array, guidance_scale: jax.Array,
+                 hyper: refinement.Hyper):
   """All K refinement iterations from given source latents z_in and noise eps, as one traceable function
   (`refinement.refine`)."""
   cond, uncond = text_context(pipe, params["text"], prompt_ids, negative_ids)
-  models = refine_models(pipe, steps, decode_chunk, logits_fn, refine_cfg.grad_mode, z_in, cond, uncond,
+  models = refine_models(pipe, refine_cfg, steps, logits_fn, z_in, cond, uncond,
                          masked_latents, first_index, guidance_scale)
   return refinement.refine(refine_cfg, hyper, models, params, eps)
 
 
-def synthesize_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
-                     logits_fn: Callable, params: dict, images: jax.Array, ids: jax.Array,
-                     prompt_ids: jax.Array, negative_ids: jax.Array, masked_latents: jax.Array,
+def synthesize_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, logits_fn: Callable, params: dict,
+                     images: jax.Array, ids: jax.Array, prompt_ids: jax.Array, negative_ids: jax.Array, masked_latents: jax.Array,
                      first_index: jax.Array, guidance_scale: jax.Array, hyper: refinement.Hyper,
                      seed: jax.Array):
   """All K refinement iterations for one batch as one traceable function; `BatchProgram` runs the same
@@ -145,7 +144,7 @@ def synthesize_batch(pipe, refine_cfg: refinement.RefineConfig, steps: int, deco
   image's posterior sample and noise come from (seed, its source id).
   """
   z_in, eps = draw_inputs(pipe, params["vae"], images, ids, seed)
-  return refine_batch(pipe, refine_cfg, steps, decode_chunk, logits_fn, params, z_in, eps, prompt_ids,
+  return refine_batch(pipe, refine_cfg, steps, logits_fn, params, z_in, eps, prompt_ids,
                       negative_ids, masked_latents, first_index, guidance_scale, hyper)
 
 
@@ -165,8 +164,8 @@ class BatchProgram:
   losses [K, B], eps, steps_finite [B]). `compile` compiles every piece ahead instead.
   """
 
-  def __init__(self, pipe, refine_cfg: refinement.RefineConfig, steps: int, decode_chunk: int | None,
-               logits_fn: Callable, mesh, param_shardings):
+  def __init__(self, pipe, refine_cfg: refinement.RefineConfig, steps: int, logits_fn: Callable, mesh,
+               param_shardings):
     self.cfg = refine_cfg
     rep = parallel.replicated(mesh)
     rows = lambda ndim: parallel.batch_sharding(mesh, ndim)
@@ -175,7 +174,7 @@ class BatchProgram:
     step = (rows(1), rows(1), rows(1))    # ok, loss, s of one update
 
     def models(b, c):
-      return refine_models(pipe, steps, decode_chunk, logits_fn, refine_cfg.grad_mode, *b, *c)
+      return refine_models(pipe, refine_cfg, steps, logits_fn, *b, *c)
 
     def start(params, images, ids, prompt_ids, negative_ids, seed):
       z_in, eps = draw_inputs(pipe, params["vae"], images, ids, seed)
@@ -210,10 +209,11 @@ class BatchProgram:
                           lambda z0, history: self.outcome(params, b, c, hyper, z0, history), eps)
 
   def compile(self, params, images, ids, prompt_ids, negative_ids, masked_latents, first_index,
-              guidance_scale, hyper, seed) -> "BatchProgram":
-    """Compile every program ahead for these arguments' shapes (the lowering on this thread, XLA's
-    compiles or cache loads on one thread each, in parallel); returns self, now holding the executables,
-    with the seconds each part took in `compile_seconds` ({'lower_s', 'xla_s'})."""
+              guidance_scale, hyper, seed, only: Sequence[str] | None = None) -> "BatchProgram":
+    """Compile every program (or those named in `only`) ahead for these arguments' shapes, which may be
+    abstract (jax.ShapeDtypeStruct): the lowering on this thread, XLA's compiles or cache loads on one
+    thread each, in parallel. Returns self, now holding the executables, with the seconds each part took
+    in `compile_seconds` ({'lower_s', 'xla_s'})."""
     t0 = time.perf_counter()
     start_args = (params, images, ids, prompt_ids, negative_ids, seed)
     b, eps = jax.eval_shape(self.start, *start_args)
@@ -225,6 +225,7 @@ class BatchProgram:
                "outcome": self.outcome.lower(params, b, c, hyper, eps, (step,) * (self.cfg.iterations - 1))}
     if self.cfg.iterations > 1:
       lowered["update"] = self.update.lower(*update_args)
+    lowered = {name: low for name, low in lowered.items() if only is None or name in only}
     t1 = time.perf_counter()
     with futures.ThreadPoolExecutor(len(lowered), "synthesis-compile") as pool:
       done = {name: pool.submit(low.compile) for name, low in lowered.items()}
@@ -380,14 +381,14 @@ def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source
   writes it."""
   local_batch = config.batch_size // jax.process_count()
   image_format = config.get("image_format", "png")
-  refine_cfg = refinement.RefineConfig(iterations=config.iterations, loss=config.loss, grad_mode=config.grad_mode)
+  refine_cfg = refinement.RefineConfig(iterations=config.iterations, loss=config.loss, grad_mode=config.grad_mode,
+                                       decode_chunk=int(config.get("decode_chunk") or 0))
   hyper = refinement.Hyper.make(config.step_size, config.target, config.get("reference_batch", 1))
   first_index = np.int32(inpaint.start_index(pipe.scheduler, config.steps, config.strength))
   params, shardings = place_params(params, mesh)
   negative_ids = jnp.asarray(pipe.tokenize([""]))
   masked = masked_image_latents(pipe, params["vae"], config.image_size)
-  step_fn = BatchProgram(pipe, refine_cfg, config.steps, config.get("decode_chunk") or None, logits_fn, mesh,
-                         shardings)
+  step_fn = BatchProgram(pipe, refine_cfg, config.steps, logits_fn, mesh, shardings)
   consts = (negative_ids, masked, first_index, np.float32(config.guidance_scale), hyper, np.uint32(config.seed))
   offset = jax.process_index() * local_batch if jax.process_count() > 1 else 0
 
