@@ -258,6 +258,7 @@ def confident(tmp_path_factory):
 def test_paper_config_completes_on_a_confident_classifier(confident, caplog):
   """Before: every image had s_K < m - band = -7, counted as not ok, and the run stopped after 8 of 12."""
   import logging
+  from synood_jax.pipeline import report
   paper = confident["paper"]
   assert (paper.synthesis.target, paper.synthesis.band, paper.synthesis.max_not_ok) == (-5.0, 2.0, 0.05)
   with caplog.at_level(logging.WARNING):
@@ -274,6 +275,11 @@ def test_paper_config_completes_on_a_confident_classifier(confident, caplog):
   # the paper config keeps every finite, non-degenerate image for pseudo-labelling, as the official code
   kept = health.training_records(made, drop_flagged=bool(paper.pseudo.drop_flagged))
   assert [m["source"] for m in kept] == [m["source"] for m in made]
+  # the report's picture of where they landed, with -log C and m marked
+  wd = Workdir(str(confident["root"] / "report"))
+  lines = report.score_lines(wd, paper.synthesis.to_dict(), {"synthesis": made})
+  assert os.path.getsize(wd.report_scores) > 1000 and "report_scores.png" in lines[-1]
+  assert any("Note: synthesis.target=-5.0 is above" in line for line in lines)
 
 
 def test_diverging_step_still_stops_at_once(confident):
