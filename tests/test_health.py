@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import scipy.special
 from PIL import Image
 
 from synood_jax.data import datasets as data
@@ -213,18 +214,13 @@ def _confident_resnet(logits_images, target_s=-15.0):
   params = module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   logits_fn, _ = guidance.resnet50(module, params, resize=36, crop=32)  # the 32 px images' scale
   g = np.asarray(logits_fn(params, logits_images), np.float64)
-  s = lambda a: float(np.mean(np.mean(a * g, -1) - scipy_logsumexp(a * g)))
+  s = lambda a: float(np.mean(np.mean(a * g, -1) - scipy.special.logsumexp(a * g, axis=-1)))
   lo, hi = 0.0, 1e6
   for _ in range(100):
     mid = (lo + hi) / 2
     lo, hi = (mid, hi) if s(mid) > target_s else (lo, mid)
   fc = dict(params["fc"], kernel=params["fc"]["kernel"] * lo)
   return logits_fn, dict(params, fc=fc)
-
-
-def scipy_logsumexp(x):
-  import scipy.special
-  return scipy.special.logsumexp(x, axis=-1)
 
 
 @pytest.fixture(scope="module")
