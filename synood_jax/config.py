@@ -61,8 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthesis.loss = "squared"          # 'squared' (m - s)^2, 'hinge', 'msp_kl'
   c.synthesis.grad_mode = "skip"        # 'skip' (official dL/du) or 'exact' (pulled back through the sampler)
   c.synthesis.reference_batch = 2       # the official loss averages over its batch of 2; 1: per-image steps
-  c.synthesis.band = 2.0                # |s - m| <= band: near the boundary; s < m - band: flagged as ID
-  c.synthesis.max_not_ok = 0.05         # stop when more than this share of images is not 'ok' (health.py)
+  # in_distribution: s_K < m* - band and below half way from s_0 to m* = min(m, -log C) (health.py)
+  c.synthesis.band = 2.0
+  c.synthesis.max_not_ok = 0.05         # stop when more than this share failed (nonfinite, degenerate)
   c.synthesis.min_pixel_std = 0.01      # an image with a smaller pixel std (in [0, 1]) is degenerate
   c.synthesis.batch_size = 8            # global; a multiple of the device count
   c.synthesis.decode_chunk = 0          # VAE-decode this many rows at a time (0: all)
@@ -79,7 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.negatives.percentile = 0.95
   c.negatives.keep_fraction = 0.15
 
-  c.pseudo = ml_collections.ConfigDict(dict(drop_flagged=True))  # drop images that stayed ID
+  # True drops the in_distribution images from pseudo-labelling; the official code keeps every image
+  # (failed ones are never kept).
+  c.pseudo = ml_collections.ConfigDict(dict(drop_flagged=False))
   c.stage2 = stage2_config()
   c.stage3 = stage3_config()
 

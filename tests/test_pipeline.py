@@ -65,6 +65,10 @@ def test_every_stage_and_the_report(demo_run):
   assert f"target m = {c.synthesis.target}, step size r = {c.synthesis.step_size}, K = {c.synthesis.iterations}" in report
   statuses = infos["synthesis"]["status"]
   assert sum(statuses.values()) == 32 and f"32 synthetic images: ok {statuses['ok']}" in report
+  # where the images landed: s_0 / s_K histogram with -log C (4 classes) and m marked (issue 21)
+  assert "![boundary scores s_0 and s_K](report_scores.png)" in report
+  assert os.path.exists(os.path.join(workdir, "report_scores.png"))
+  assert "m* = -1.800 is within the classifier's range" in report
   assert "12 pairs covering all 4 classes" in report
   assert "![loss curves](report_losses.png)" in report and os.path.exists(os.path.join(workdir, "report_losses.png"))
   assert "[SynOOD score histogram](eval/plots/hist_synood.png)" in report

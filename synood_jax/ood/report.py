@@ -236,3 +236,27 @@ def plot_loss_curves(curves: Mapping[str, Sequence[Mapping]], path: str) -> str:
     ax.legend(fontsize=8)
   _save(plt, fig, path, dpi=110)
   return path
+
+
+def plot_boundary_scores(runs: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str,
+                         marks: Mapping[str, float], bins: int = 40) -> str:
+  """Where synthetic images landed: histograms of the boundary score before refinement (s_0) and after
+  it (s_K), one panel per synthesis run {name: (s_0, s_K)}, with a vertical line per mark {label: s}.
+  Non-finite scores are left out; the shared range includes the marks, so every line shows."""
+  plt = _pyplot()
+  finite = lambda v: np.asarray(v, np.float64)[np.isfinite(v)]
+  values = np.concatenate([finite(v) for pair in runs.values() for v in pair] + [finite(list(marks.values()))])
+  lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+  edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
+  fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.6), squeeze=False)
+  for ax, (name, (first, last)) in zip(axes[0], runs.items()):
+    ax.hist(finite(first), bins=edges, alpha=0.5, color="C0", label="s_0 (before refinement)")
+    ax.hist(finite(last), bins=edges, alpha=0.5, color="C1", label="s_K (after refinement)")
+    for k, (label, x) in enumerate(marks.items()):
+      ax.axvline(x, color=f"C{k + 2}", lw=1.2, ls=("-", "--", ":")[k % 3], label=label)
+    ax.set_xlabel("boundary score s = mean(g) - logsumexp(g)")
+    ax.set_ylabel("images")
+    ax.set_title(f"{name} ({len(first)} images)")
+    ax.legend(fontsize=7)
+  _save(plt, fig, path, dpi=110)
+  return path

@@ -1,6 +1,7 @@
 """`report.md` of a whole SynOOD run: what ran (models, classes, m, r, K), the results table (and where a
-baseline beats the tuned model, why), the synthesis health and a source/synthetic grid covering every
-class, the stage 2 and stage 3 loss curves, and links to the ROC curves and score histograms."""
+baseline beats the tuned model, why), the synthesis health, where the images' boundary scores landed
+(s_0 and s_K histograms with -log C and m marked) and a source/synthetic grid covering every class, the
+stage 2 and stage 3 loss curves, and links to the ROC curves and score histograms."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,8 @@ import os
 import numpy as np
 
 from synood_jax import fileio
-from synood_jax.ood.report import markdown, plot_loss_curves, pretty, set_label, write_image_grid
+from synood_jax.ood.report import (markdown, plot_boundary_scores, plot_loss_curves, pretty, set_label,
+                                   write_image_grid)
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax.synthesis import health
 
@@ -50,7 +52,7 @@ def setup_lines(config: dict, sources_info: dict) -> list[str]:
                   if sources_info.get("subset") else ""))
   lines.append(f"- Boundary refinement: target m = {s.get('target')}, step size r = {s.get('step_size')}, "
                f"K = {s.get('iterations')} iterations, loss '{s.get('loss')}', band {s.get('band')} "
-               f"(s < m - band: still in-distribution)")
+               f"(in_distribution: s_K below m* - band and below half way from s_0 to m* = min(m, -log C))")
   return lines + [""]
 
 
@@ -98,6 +100,28 @@ def pick_pairs(manifest: list[dict], max_pairs: int, target: float) -> list[dict
   return sorted(out, key=lambda m: m["class_index"])
 
 
+def score_lines(wd: Workdir, synthesis_cfg: dict, manifests: dict[str, list[dict]]) -> list[str]:
+  """The picture of where each synthesis run's images landed (s_0 and s_K, with -log C, m and m* - band
+  marked) and its caption; the class count C comes from the manifest (absent in older ones)."""
+  runs = {name: tuple(np.asarray([m["scores"][k] for m in rows], np.float64) for k in (0, -1))
+          for name, rows in manifests.items() if rows}
+  if not runs:
+    return []
+  target, band = float(synthesis_cfg.get("target")), float(synthesis_cfg.get("band"))
+  marks = {f"m = {target:g} (target)": target}
+  lines = ["", "Where the images landed: the boundary score before refinement (s_0) and after it (s_K)."]
+  c = next((m["num_classes"] for rows in manifests.values() for m in rows if "num_classes" in m), None)
+  if c:
+    loss = synthesis_cfg.get("loss", "squared")
+    reach = health.reachable_target(target, c, loss)
+    marks = {f"-log C = {health.highest_score(c):.3f} (highest s, C = {c})": health.highest_score(c), **marks,
+             f"m* - band = {reach - band:.3f}": reach - band}
+    warning = health.target_warning(target, c, loss)
+    lines.append(f"Note: {warning}." if warning else f"m* = {reach:.3f} is within the classifier's range.")
+  plot_boundary_scores(runs, wd.report_scores, marks)
+  return lines + ["", f"![boundary scores s_0 and s_K]({os.path.relpath(wd.report_scores, wd.root)})"]
+
+
 def _epoch_means(rows: list[dict]) -> list[float]:
   return [float(np.mean([r["loss"] for r in rows if r["epoch"] == e])) for e in sorted({r["epoch"] for r in rows})]
 
@@ -118,8 +142,10 @@ def write_run_report(wd: Workdir, max_pairs: int = 12) -> str:
 
   lines += ["## Synthesis", ""]
   statuses = health.counts([health.status_of(m) for m in manifest])
+  drop = bool(config.get("pseudo", {}).get("drop_flagged"))
   lines.append(f"{len(manifest)} synthetic images: " + ", ".join(f"{k} {v}" for k, v in statuses.items())
-               + " (only 'ok' ones are pseudo-labelled and trained on).")
+               + f" (pseudo-labelled and trained on: {'ok' if drop else 'ok and in_distribution'} ones, "
+               f"pseudo.drop_flagged={drop}; failed ones, nonfinite and degenerate, never).")
   held = synthesis_info.get("heldout")
   if held:
     lines.append(f"Held-out synthetic images (evaluation only): {held['images']}: "
@@ -131,6 +157,8 @@ def write_run_report(wd: Workdir, max_pairs: int = 12) -> str:
     scores = np.asarray([m["scores"] for m in manifest], np.float64)
     lines.append("Boundary score s per refinement iteration (mean over images): "
                  + ", ".join(f"{v:.3f}" for v in np.nanmean(scores, axis=0)) + ".")
+    heldout = _jsonl(os.path.join(wd.synthesis_heldout, "manifest.jsonl"))
+    lines += score_lines(wd, config.get("synthesis", {}), {"synthesis": manifest, "held-out synthesis": heldout})
     source_root = sources_info.get("root", "")
     chosen = pick_pairs(manifest, max_pairs, float(config.get("synthesis", {}).get("target", 0.0)))
     write_image_grid([(os.path.join(source_root, m["source"]), os.path.join(wd.synthesis, m["output"]))

@@ -13,7 +13,7 @@
   stage3_negatives/            stage `stage3`: checkpoints/, features/, tuned_negatives.npy
   export/                      stage `export`: the tuned model
   eval/                        stage `evaluate`: results.json, results.md, plots/, cache/
-  report.md, report_grid.png, report_losses.png   stage `report`
+  report.md, report_grid.png, report_losses.png, report_scores.png   stage `report`
   config.json                  the full resolved config of the latest run
   started/<stage>.json         the stage's fingerprint when it started (a killed stage resumes only if equal)
   done/<stage>.json            written last by each stage, with its fingerprint; a rerun skips the stage
@@ -75,3 +75,4 @@ class Workdir:
   report = _at("report.md")
   report_grid = _at("report_grid.png")
   report_losses = _at("report_losses.png")
+  report_scores = _at("report_scores.png")

@@ -5,6 +5,7 @@ differentiable preprocessing in JAX, so the refinement loop can take gradients t
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from synood_jax.models import zero_shot
@@ -33,3 +34,9 @@ def resnet50(module, params, resize: int = 232, crop: int = 224):
   def logits_fn(p, images):
     return module.apply({"params": p}, resnet.classifier_preprocess(images, resize=resize, crop=crop))
   return logits_fn, params
+
+
+def num_classes(logits_fn, classifier_params, image_size: int) -> int:
+  """C, the width of the classifier's logits: traced on an abstract image, nothing is computed."""
+  image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  return int(jax.eval_shape(logits_fn, classifier_params, image).shape[-1])

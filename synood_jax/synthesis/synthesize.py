@@ -11,8 +11,10 @@ Each image's noise comes from (seed, source id), never from its place in a batch
 and batch composition do not change the result. Several processes share the work (`synthesize`); a run
 killed with one process count resumes with another, since the resume state is the union of every
 manifest.
-Each record has a health `status` (`health.py`: ok, nonfinite, degenerate, in_distribution); the run
-stops with the counts and the likely cause once too many images cannot be ok. An unreadable source is
+Each record has a health `status` (`health.py`: ok, nonfinite, degenerate, in_distribution) and the
+classifier's class count C (s <= -log C); the run stops with the counts and the likely cause once too
+many images failed (nonfinite, degenerate; in_distribution is an outcome, never a stop). A target m
+above -log C is warned about before the first batch. An unreadable source is
 skipped with a warning naming it.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from synood_jax import fileio, parallel, runtime
 from synood_jax.jsonl import read_jsonl
-from synood_jax.synthesis import health, refinement
+from synood_jax.synthesis import guidance, health, refinement
 from synood_jax.diffusion import inpaint, schedulers
 from synood_jax.models import vae as vae_lib
 from synood_jax.progress import Progress
@@ -372,8 +374,8 @@ def _global_counts(statuses) -> dict[str, int]:
   return c
 
 
-def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source_root, mesh, todo, filler,
-                 n_batches, progress, monitor):
+def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, num_classes, source_root, mesh, todo,
+                 filler, n_batches, progress, monitor):
   """Synthesize this process's `todo` sources in n_batches batches (its `local_batch` rows of each global
   batch), writing each image, then its line in this process's manifest. `filler` stands in (a blank image)
   for a process with fewer (or no readable) sources left, so that it takes part in every collective step. The host overlaps the device: while batch b runs, one thread reads batch b + 1,
@@ -412,8 +414,8 @@ def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source
       entry = {"source": rec["path"], "class_name": rec["class_name"], "class_index": rec["class_index"],
                "output": output_relpath(rec, image_format), "prompt": prompt, "seed": int(config.seed),
                "source_id": int(ids[j]), "scores": s, "losses": [float(v) for v in losses[:, offset + j]],
-               "in_band": abs(s[-1] - config.target) <= config.band,
-               "stayed_in_distribution": s[-1] < config.target - config.band, "status": statuses[j]}
+               "num_classes": num_classes, "status": statuses[j],
+               "stayed_in_distribution": statuses[j] == "in_distribution"}
       _write_image(pixels, os.path.join(out_dir, entry["output"]), image_format, config.get("jpeg_quality", 75))
       manifest.write(json.dumps(entry, sort_keys=True) + "\n")
     manifest.flush()  # on an object store: the manifest so far, once a batch
@@ -434,8 +436,8 @@ def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, source
         progress.restart(done=len(rows))
       mine_rows = slice(offset, offset + len(rows))
       statuses = health.classify_batch(out[mine_rows], scores[:, mine_rows], steps_finite[mine_rows],
-                                       target=config.target, band=config.band,
-                                       min_pixel_std=config.get("min_pixel_std", 0.01))
+                                       target=config.target, band=config.band, num_classes=num_classes,
+                                       loss=config.loss, min_pixel_std=config.get("min_pixel_std", 0.01))
       if written is not None:
         written.result()  # surfaces a failed write; keeps at most one batch being written
       written = writer.submit(write, rows, ids, out, scores, losses, statuses, manifest, first)
@@ -495,6 +497,10 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
   if config.batch_size % nproc or local_batch % max(multiple, 1):
     raise ValueError(f"synthesis.batch_size {config.batch_size} is not a multiple of the "
                      f"{parallel.batch_size_multiple(mesh)} devices")
+  num_classes = guidance.num_classes(logits_fn, params["classifier"], config.image_size)
+  warning = health.target_warning(config.target, num_classes, config.loss)
+  if warning:
+    logging.warning("%s", warning)
   # Statuses so far: the finished images counted once (on process 0), each new one by its process.
   monitor = health.Monitor(config, len(sources), manifest_path,
                            [health.status_of(r) for r in done.values()] if me == 0 else [])
@@ -505,8 +511,8 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
   if n_batches:
     own_manifest = manifest_path if nproc == 1 else process_manifest(out_dir, me)
     progress = Progress(total=len(mine), name="synthesis", unit="img", every_secs=config.get("log_every_secs", 30))
-    _run_batches(config, out_dir, own_manifest, pipe, params, logits_fn, source_root, mesh, mine, todo[0],
-                 n_batches, progress, monitor)
+    _run_batches(config, out_dir, own_manifest, pipe, params, logits_fn, num_classes, source_root, mesh, mine,
+                 todo[0], n_batches, progress, monitor)
   runtime.barrier(f"synthesis {out_dir}: every process finished")
   if fileio.is_writer():
     consolidate(out_dir, order)
