@@ -52,7 +52,6 @@ flags.DEFINE_float("peak_tflops", 989.0, "the chip's dense bf16 peak (H200 SXM: 
 flags.DEFINE_enum("attention", "auto", list(attention.CHOICES), "our attention kernel")
 flags.DEFINE_integer("decode_chunk", 4, "rows per step of the decoder and its gradient (0: the whole batch)")
 flags.DEFINE_bool("second_process", True, "time a second process's start from the persistent compile cache")
-flags.DEFINE_string("cache_dir", "", "internal: the persistent compile cache (default: a fresh folder)")
 flags.DEFINE_bool("start_child", False, "internal: load, compile from the cache, run one batch; print JSON")
 
 
