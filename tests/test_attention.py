@@ -164,3 +164,21 @@ def test_resolve_per_backend_and_fallbacks(monkeypatch, caplog):
     attention.resolve("flash", q4k, k4k)
   with pytest.raises(ValueError, match="models.attention"):
     vae.build(vae.TINY_VAE_CONFIG, attention="flash")
+
+
+def test_pallas_kernel_runs_per_device_under_a_mesh():
+  """XLA cannot partition a Pallas call: under `jax.set_mesh` the kernel runs on each device's rows
+  (8 rows over 8 devices: the kernel sees 1), and the wrapper leaves the numbers as they are."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from synood_jax import parallel
+  mesh = parallel.make_mesh(4, 2)
+  rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
+  q, k, v = (jax.device_put(t, rows) for t in _qkv(8, 256, 256, 2, 64))
+  with jax.set_mesh(mesh):
+    wrapped = jax.jit(lambda *a: attention.per_device(attention.xla_attention)(*a), in_shardings=rows,
+                      out_shardings=rows)(q, k, v)
+    exported = jax.export.export(jax.jit(lambda *a: attention.attention(*a, kernel="pallas_tpu"),
+                                         in_shardings=rows, out_shardings=rows), platforms=["tpu"])(q, k, v)
+  assert _rel(wrapped, attention.xla_attention(q, k, v)) <= 1e-6
+  calls = [line for line in exported.mlir_module().splitlines() if "tpu_custom_call" in line]
+  assert calls and all("tensor<1x2x256x64xf32>" in line for line in calls), calls[:1]

@@ -17,6 +17,7 @@ keeps a pipeline alive); new prompts, images, seeds, guidance scales or strength
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -254,9 +255,10 @@ def inpaint(pipe: InpaintPipeline, params, prompt: str | Sequence[str], image, m
       raise ValueError(f"inpaint: {b} rows per process is not a multiple of this process's devices")
     batch = {k: parallel.pad_batch(v, multiple)[0] for k, v in batch.items()}
     batch, params = parallel.global_batch(batch, mesh), parallel.place_params(params, mesh)
-  out, z0 = _jitted(pipe)(params, batch, jnp.int32(first), jnp.float32(guidance_scale), jnp.uint32(int(seed) % 2**32),
-                          scheduler=sched, num_inference_steps=int(num_inference_steps), cfg=cfg,
-                          strength_max=strength == 1, sample_posterior=bool(sample_posterior))
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():  # fused attention per device
+    out, z0 = _jitted(pipe)(params, batch, jnp.int32(first), jnp.float32(guidance_scale),
+                            jnp.uint32(int(seed) % 2**32), scheduler=sched, num_inference_steps=int(num_inference_steps),
+                            cfg=cfg, strength_max=strength == 1, sample_posterior=bool(sample_posterior))
   if out.shape[0] != b and jax.process_count() == 1:
     out, z0 = out[:b], z0[:b]
   return (out, z0) if return_latents else out

@@ -13,16 +13,22 @@ Kernels (`KERNELS`: adding one is one function and one registry line):
 `kernel="auto"` picks per backend: cudnn on GPU, pallas_tpu on TPU, xla on CPU. A call the chosen kernel
 cannot take (cross-attention over 77 text tokens, the VAE's 512-wide single head on cuDNN, fp32 on cuDNN)
 runs on xla: the big self-attentions at 4096 tokens are the ones that need fusing, and they fit every kernel.
+The Pallas kernel runs per device over the batch axes of the mesh set with `jax.set_mesh` (the synthesis
+programs set it); cuDNN's call is partitioned by jax itself.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from synood_jax.parallel import BATCH_AXES
 
 CHOICES = ("auto", "xla", "cudnn", "pallas_tpu")
 AUTO = {"gpu": "cudnn", "cuda": "cudnn", "rocm": "xla", "tpu": "pallas_tpu"}
@@ -68,6 +74,26 @@ def _tpu_block(n: int) -> int:
   return next(b for b in (512, 256, 128) if n % b == 0)
 
 
+def per_device(kernel: Callable) -> Callable:
+  """`kernel` run on each device's rows (shard_map over the batch axes of the mesh set with
+  `jax.set_mesh`). XLA cannot partition a Pallas call ("Mosaic kernels cannot be automatically
+  partitioned"), so a sharded batch needs this."""
+  def run(q, k, v, causal: bool = False):
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
+    devices = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    if devices == 1 or q.shape[0] % devices:
+      if jax.device_count() > 1:
+        _warn_once("pallas_tpu", f"{q.shape[0]} rows outside a mesh context (jax.set_mesh) that splits them: "
+                   "fine on one device; a batch sharded over several is refused by XLA, which cannot "
+                   "partition a Pallas call")
+      return kernel(q, k, v, causal)
+    spec = P(axes)
+    return jax.shard_map(functools.partial(kernel, causal=causal), in_specs=(spec,) * 3, out_specs=spec,
+                         check_vma=False)(q, k, v)
+  return run
+
+
 def pallas_tpu_attention(q, k, v, causal: bool = False):
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
   bq, bk = _tpu_block(q.shape[1]), _tpu_block(k.shape[1])
@@ -96,7 +122,7 @@ class Kernel:
 KERNELS = {
     "xla": Kernel(xla_attention, lambda q, k, causal: None),
     "cudnn": Kernel(cudnn_attention, cudnn_refusal),
-    "pallas_tpu": Kernel(pallas_tpu_attention, pallas_tpu_refusal),
+    "pallas_tpu": Kernel(per_device(pallas_tpu_attention), pallas_tpu_refusal),
 }
 
 
@@ -113,13 +139,13 @@ def resolve(name: str, q, k, causal: bool = False) -> str:
   if why is None:
     return wanted
   if name != "auto":
-    _warn_once(name, why)
+    _warn_once(name, f"does not take {why}; that call runs on the xla kernel")
   return "xla"
 
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(name: str, why: str) -> None:
-  logging.warning("attention kernel %r does not take %s; that call runs on the xla kernel", name, why)
+  logging.warning("attention kernel %r: %s", name, why)
 
 
 def attention(q, k, v, causal: bool = False, kernel: str = "auto"):

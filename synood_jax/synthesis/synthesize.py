@@ -168,7 +168,7 @@ class BatchProgram:
 
   def __init__(self, pipe, refine_cfg: refinement.RefineConfig, steps: int, logits_fn: Callable, mesh,
                param_shardings):
-    self.cfg = refine_cfg
+    self.cfg, self.mesh = refine_cfg, mesh
     rep = parallel.replicated(mesh)
     rows = lambda ndim: parallel.batch_sharding(mesh, ndim)
     batch = (rows(4), rows(3), rows(3))   # z_in, cond, uncond
@@ -204,11 +204,12 @@ class BatchProgram:
 
   def __call__(self, params, images, ids, prompt_ids, negative_ids, masked_latents, first_index,
                guidance_scale, hyper, seed):
-    b, eps = self.start(params, images, ids, prompt_ids, negative_ids, seed)
-    c = (masked_latents, first_index, guidance_scale)
-    return refinement.run(self.cfg, lambda e: self.sample(params, b, c, e),
-                          lambda e, z0: self.update(params, b, c, hyper, e, z0),
-                          lambda z0, history: self.outcome(params, b, c, hyper, z0, history), eps)
+    with jax.set_mesh(self.mesh):  # traced under the mesh: fused attention kernels run per device
+      b, eps = self.start(params, images, ids, prompt_ids, negative_ids, seed)
+      c = (masked_latents, first_index, guidance_scale)
+      return refinement.run(self.cfg, lambda e: self.sample(params, b, c, e),
+                            lambda e, z0: self.update(params, b, c, hyper, e, z0),
+                            lambda z0, history: self.outcome(params, b, c, hyper, z0, history), eps)
 
   def compile(self, params, images, ids, prompt_ids, negative_ids, masked_latents, first_index,
               guidance_scale, hyper, seed, only: Sequence[str] | None = None) -> "BatchProgram":
@@ -217,17 +218,18 @@ class BatchProgram:
     thread each, in parallel. Returns self, now holding the executables, with the seconds each part took
     in `compile_seconds` ({'lower_s', 'xla_s'})."""
     t0 = time.perf_counter()
-    start_args = (params, images, ids, prompt_ids, negative_ids, seed)
-    b, eps = jax.eval_shape(self.start, *start_args)
-    c = (masked_latents, first_index, guidance_scale)
-    update_args = (params, b, c, hyper, eps, eps if self.cfg.grad_mode == "skip" else None)  # z0 is eps-shaped
-    step = jax.eval_shape(self.update, *update_args)[1:]
-    lowered = {"start": self.start.lower(*start_args),
-               "sample": self.sample.lower(params, b, c, eps),
-               "outcome": self.outcome.lower(params, b, c, hyper, eps, (step,) * (self.cfg.iterations - 1))}
-    if self.cfg.iterations > 1:
-      lowered["update"] = self.update.lower(*update_args)
-    lowered = {name: low for name, low in lowered.items() if only is None or name in only}
+    with jax.set_mesh(self.mesh):
+      start_args = (params, images, ids, prompt_ids, negative_ids, seed)
+      b, eps = jax.eval_shape(self.start, *start_args)
+      c = (masked_latents, first_index, guidance_scale)
+      update_args = (params, b, c, hyper, eps, eps if self.cfg.grad_mode == "skip" else None)  # z0 is eps-shaped
+      step = jax.eval_shape(self.update, *update_args)[1:]
+      lowered = {"start": self.start.lower(*start_args),
+                 "sample": self.sample.lower(params, b, c, eps),
+                 "outcome": self.outcome.lower(params, b, c, hyper, eps, (step,) * (self.cfg.iterations - 1))}
+      if self.cfg.iterations > 1:
+        lowered["update"] = self.update.lower(*update_args)
+      lowered = {name: low for name, low in lowered.items() if only is None or name in only}
     t1 = time.perf_counter()
     with futures.ThreadPoolExecutor(len(lowered), "synthesis-compile") as pool:
       done = {name: pool.submit(low.compile) for name, low in lowered.items()}
