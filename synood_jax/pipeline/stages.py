@@ -34,7 +34,7 @@ from synood_jax.synthesis import context_prompts, guidance, health, sources, syn
 from synood_jax.data import datasets as data, imagenet as imagenet_classes
 from synood_jax.demo import images as demo_data
 from synood_jax.ood import evaluation
-from synood_jax.pipeline import export, inputs, provenance
+from synood_jax.pipeline import export, inputs, lock, provenance
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax.train import negatives, projection
 from synood_jax.labels import negative_labels as nl
@@ -471,15 +471,16 @@ def run(config, workdir: str, stages=None) -> dict:
   if fileio.is_writer():
     fileio.makedirs(wd.root)
   runtime.check_shared_dir(wd.root)
-  fps, steps = plan(config, wd, stages)
-  # Process 0's plan for every process (each read the same markers, but one must decide).
-  steps = [Step(**step) for step in runtime.gather_json([dataclasses.asdict(st) for st in steps])[0]]
-  inputs.validate(config, [s.stage for s in steps if s.action != "skip"])  # before hours of work, not after
-  if fileio.is_writer():
-    provenance.write_json(wd.config, json.loads(config.to_json_best_effort(sort_keys=True)))
-  ctx = Context(config, wd)
-  infos = {step.stage: _run_stage(ctx, step, fps[step.stage]) for step in steps}
-  runtime.barrier("pipeline: finished")
+  with lock.hold_for_job(wd.root):  # one run at a time: a second one refuses here, naming this one
+    fps, steps = plan(config, wd, stages)
+    # Process 0's plan for every process (each read the same markers, but one must decide).
+    steps = [Step(**step) for step in runtime.gather_json([dataclasses.asdict(st) for st in steps])[0]]
+    inputs.validate(config, [s.stage for s in steps if s.action != "skip"])  # before hours of work, not after
+    if fileio.is_writer():
+      provenance.write_json(wd.config, json.loads(config.to_json_best_effort(sort_keys=True)))
+    ctx = Context(config, wd)
+    infos = {step.stage: _run_stage(ctx, step, fps[step.stage]) for step in steps}
+    runtime.barrier("pipeline: finished")
   return infos
 
 

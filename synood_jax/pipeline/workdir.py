@@ -14,7 +14,8 @@
   export/                      stage `export`: the tuned model
   eval/                        stage `evaluate`: results.json, results.md, plots/, cache/
   report.md, report_grid.png, report_losses.png, report_scores.png   stage `report`
-  config.json                  the full resolved config of the latest run
+  config.json                  the full resolved config of the latest run, and the code version it ran
+  run.lock (run.lease on gs://) the run holding the workdir now (or the last one): host, pid, start, command
   started/<stage>.json         the stage's fingerprint when it started (a killed stage resumes only if equal)
   done/<stage>.json            written last by each stage, with its fingerprint; a rerun skips the stage
                                while the config fields it reads (and its inputs) are unchanged
@@ -48,6 +49,8 @@ class Workdir:
     return self.path("started", f"{stage}.json")
 
   config = _at("config.json")
+  lock = _at("run.lock")      # lock.py: one run at a time
+  lease = _at("run.lease")
 
   # Inputs the demo makes.
   models = _at("models")
