@@ -12,6 +12,7 @@ import numpy as np
 from synood_jax import fileio
 from synood_jax.ood.report import (markdown, plot_boundary_scores, plot_loss_curves, pretty, set_label,
                                    write_image_grid)
+from synood_jax.pipeline import code_version
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax.synthesis import health
 
@@ -44,6 +45,7 @@ def setup_lines(config: dict, sources_info: dict) -> list[str]:
                  "stage runs, not how well SynOOD works.")
   for key, what in (("clip_path", "CLIP"), ("sd_path", "SD-2 in-painting")):
     lines.append(f"- {what}: " + (f"`{m[key]}`" if m.get(key) else "random (tiny, made by the models stage)"))
+  lines.append(f"- Code: {code_version.describe(config.get('code'))}")
   lines.append(f"- Guidance classifier: {s.get('classifier', '?')}" +
                (f" (`{s.get('resnet_path')}`)" if s.get("classifier") == "resnet50" else ""))
   if sources_info:

@@ -34,7 +34,7 @@ from synood_jax.synthesis import context_prompts, guidance, health, sources, syn
 from synood_jax.data import datasets as data, imagenet as imagenet_classes
 from synood_jax.demo import images as demo_data
 from synood_jax.ood import evaluation
-from synood_jax.pipeline import export, inputs, lock, provenance
+from synood_jax.pipeline import code_version, export, inputs, lock, provenance
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax.train import negatives, projection
 from synood_jax.labels import negative_labels as nl
@@ -331,7 +331,7 @@ def stage_export(ctx: Context) -> dict:
   if not fileio.is_writer():
     return {"folder": ctx.wd.export}
   folder = export.export_tuned(ctx.wd.export, model, ctx.negatives.labels.prompts,
-                               {"clip_source": model_paths(ctx.config, ctx.wd)[0]})
+                               {"clip_source": model_paths(ctx.config, ctx.wd)[0], "code": code_version.summary()})
   return {"folder": folder}
 
 
@@ -425,7 +425,7 @@ def plan(config, wd: Workdir, stages: list[str]) -> tuple[dict, list[Step]]:
   """(fingerprints, what to do with each requested stage). Raises when a stage would read a stale or
   missing input that this run does not make, and (config.on_change='error') when a finished stage's
   inputs changed."""
-  fps = provenance.fingerprints(config, READS, CONSUMES, VERSIONS, NOT_RESULTS)
+  fps = provenance.fingerprints(config, READS, CONSUMES, VERSIONS, NOT_RESULTS, code=code_version.current())
   steps, will_be_valid = [], set()
   done = {name: provenance.read_json(wd.done(name)) for name in STAGES}
   for name in STAGES:
@@ -477,7 +477,8 @@ def run(config, workdir: str, stages=None) -> dict:
     steps = [Step(**step) for step in runtime.gather_json([dataclasses.asdict(st) for st in steps])[0]]
     inputs.validate(config, [s.stage for s in steps if s.action != "skip"])  # before hours of work, not after
     if fileio.is_writer():
-      provenance.write_json(wd.config, json.loads(config.to_json_best_effort(sort_keys=True)))
+      provenance.write_json(wd.config, {**json.loads(config.to_json_best_effort(sort_keys=True)),
+                                        "code": code_version.summary()})
     ctx = Context(config, wd)
     infos = {step.stage: _run_stage(ctx, step, fps[step.stage]) for step in steps}
     runtime.barrier("pipeline: finished")
