@@ -99,7 +99,9 @@ def checks(config, stages: Iterable[str]) -> list[tuple[str, str, list[str]]]:
       out.append((field, path, fn(path)))
 
   generated = bool(c.data.get("generate"))
-  check("models.clip_path", c.models.clip_path, clip_folder, CLIP_STAGES)
+  # Synthesis loads CLIP only as its guidance classifier; with the ResNet-50 it needs no CLIP folder.
+  clip_users = [s for s in CLIP_STAGES if s != "synthesis" or c.synthesis.classifier == "clip"]
+  check("models.clip_path", c.models.clip_path, clip_folder, clip_users)
   check("models.sd_path", c.models.sd_path, sd_folder, ("synthesis",))
   if not generated:
     check("data.train_root", c.data.train_root, _folder, ("sources", "synthesis", "features"))

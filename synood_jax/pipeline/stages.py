@@ -34,7 +34,7 @@ from synood_jax.synthesis import context_prompts, guidance, health, sources, syn
 from synood_jax.data import datasets as data, imagenet as imagenet_classes
 from synood_jax.demo import images as demo_data
 from synood_jax.ood import evaluation
-from synood_jax.pipeline import code_version, export, inputs, lock, provenance
+from synood_jax.pipeline import code_version, export, inputs, lock, provenance, staging, values
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax.train import negatives, projection
 from synood_jax.labels import negative_labels as nl
@@ -464,14 +464,16 @@ def run(config, workdir: str, stages=None) -> dict:
   unknown = [s for s in stages if s not in STAGE_FNS]
   if unknown:
     raise ValueError(f"unknown stage(s) {unknown}; the stages are {STAGES}")
-  if config.get("on_change", "rerun") not in provenance.ON_CHANGE:
-    raise ValueError(f"config.on_change: {config.on_change!r} is not one of {provenance.ON_CHANGE}")
+  values.validate(config)  # every value, before any stage runs or any output is touched
   stages = [s for s in STAGES if s in stages]  # stage order, whatever order they were given in
   wd = Workdir(workdir)
   if fileio.is_writer():
     fileio.makedirs(wd.root)
   runtime.check_shared_dir(wd.root)
   with lock.hold_for_job(wd.root):  # one run at a time: a second one refuses here, naming this one
+    if fileio.is_writer():
+      staging.recover(wd)
+    runtime.barrier("pipeline: workdir recovered")
     fps, steps = plan(config, wd, stages)
     # Process 0's plan for every process (each read the same markers, but one must decide).
     steps = [Step(**step) for step in runtime.gather_json([dataclasses.asdict(st) for st in steps])[0]]
@@ -494,18 +496,34 @@ def _run_stage(ctx: Context, step: Step, fp: provenance.Fingerprint) -> dict:
     return provenance.read_json(wd.done(name))
   if step.action == "rerun":
     logging.warning("stage %s: inputs changed since it ran, re-running it (%s)", name, "; ".join(step.changes))
+  folders = _outputs(wd, name)
+  # A finished stage's outputs stay until its rerun's are complete: the rerun writes beside them.
+  beside = runtime.agreed(bool(step.action == "rerun" and folders and fileio.exists(wd.done(name))))
   if fileio.is_writer():
-    for path in [wd.done(name), *_outputs(wd, name)] if step.action == "rerun" else []:
-      fileio.remove(path)
+    if beside:
+      started = provenance.read_json(wd.started(name)) or {}
+      staging.prepare(wd, name, folders, resume=started.get("fingerprint") == fp.value)
+    else:
+      for path in [wd.done(name), *folders] if step.action == "rerun" else []:
+        fileio.remove(path)
     provenance.write_json(wd.started(name), fp.as_dict())
   runtime.barrier(f"stage {name}: start")
   start = time.perf_counter()
   logging.info("stage %s: %s", name, "resuming" if step.action == "resume" else "starting")
-  info = STAGE_FNS[name](ctx) or {}
+  ctx.wd = staging.staged(wd, folders) if beside else wd
+  try:
+    info = STAGE_FNS[name](ctx) or {}
+  finally:
+    ctx.wd = wd
   info["seconds"] = round(time.perf_counter() - start, 2)
   info["provenance"] = fp.as_dict()
   runtime.barrier(f"stage {name}: end")  # every process's files are in place before the marker
+  if beside:
+    info = staging.final_paths(info, wd)  # its paths as they are after the swap
   if fileio.is_writer():
-    provenance.write_json(wd.done(name), info)
+    if beside:
+      staging.swap(wd, name, folders, info)
+    else:
+      provenance.write_json(wd.done(name), info)
   logging.info("stage %s: done in %.1f s", name, info["seconds"])
   return info
