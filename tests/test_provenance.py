@@ -238,3 +238,22 @@ def test_interrupted_swap_is_finished_by_the_next_run(tmp_path, recorder):
   stages.run(demo_config(), wd.root)
   assert os.listdir(wd.synthesis) == ["new.png"] and json.load(open(wd.done("synthesis")))["marker"] == "the rerun's"
   assert not os.path.exists(os.path.join(wd.root, "rerun", "synthesis.swap.json"))
+
+
+def test_demo_never_writes_into_the_users_folder(tmp_path, recorder, monkeypatch):
+  """Issue 19, case 3: the demo config with data.train_root=<my folder> wrote its 48 generated JPEGs
+  into that folder before the run stopped. Now the demo's images live in the workdir and the pair is
+  refused before any stage."""
+  user = tmp_path / "my_imagenet"
+  (user / "n01440764").mkdir(parents=True)
+  (user / "n01440764" / "fish.JPEG").write_bytes(b"mine")
+  monkeypatch.setitem(stages.STAGE_FNS, "data", stages.stage_data)  # the real one, which writes images
+  c = demo_config()
+  c.data.train_root, c.data.classnames = str(user), "imagenet"
+  with pytest.raises(inputs.InputError) as e:
+    stages.run(c, str(tmp_path / "run"))
+  assert (f"data.train_root='{user}': set together with data.generate: the demo generates its images in "
+          "<workdir>/data and never writes into your folders") in str(e.value)
+  assert sorted(p.name for p in user.rglob("*")) == ["fish.JPEG", "n01440764"] and recorder == []
+  wd = Workdir(str(tmp_path / "run"))
+  assert stages.data_roots(c, wd) == {k: wd.path("data", k) for k in ("train", "val", "ood")}

@@ -105,6 +105,12 @@ def checks(config, stages: Iterable[str]) -> list[tuple[str, str, list[str]]]:
   check("models.sd_path", c.models.sd_path, sd_folder, ("synthesis",))
   if not generated:
     check("data.train_root", c.data.train_root, _folder, ("sources", "synthesis", "features"))
+  else:  # the demo writes its generated images in the workdir only, never into a folder of the user's
+    for key in ("train_root", "val_root"):
+      check(f"data.{key}", c.data.get(key), lambda _: [
+          "set together with data.generate: the demo generates its images in <workdir>/data and never "
+          "writes into your folders; to use your images, take a config without data.generate "
+          "(configs/imagenet_vitb16.py)"], ("data", "sources", "synthesis", "features", "evaluate"))
   check("data.classnames", c.data.classnames, _classnames, ("sources",) + CLIP_STAGES)
   check("context.answers_file", c.context.answers_file, _file, ("synthesis",))
   if c.synthesis.classifier == "resnet50":

@@ -57,8 +57,9 @@ def model_paths(config, wd: Workdir) -> tuple[str, str]:
 def data_roots(config, wd: Workdir) -> dict[str, str]:
   """Source images (ID train), plus for the demo the generated held-out sets."""
   d = config.data
-  return {"train": d.train_root or wd.path("data", "train"), "val": d.get("val_root") or wd.path("data", "val"),
-          "ood": wd.path("data", "ood")}
+  if d.get("generate"):  # generated images live in the workdir, whatever the roots say (inputs.py refuses both)
+    return {name: wd.path("data", name) for name in ("train", "val", "ood")}
+  return {"train": d.train_root or wd.path("data", "train"), "val": d.get("val_root") or wd.path("data", "val"), "ood": wd.path("data", "ood")}
 
 
 @dataclasses.dataclass
