@@ -56,6 +56,10 @@ def test_fingerprints_change_exactly_downstream():
   assert changed(stage2__epochs=3) == ["stage2", "export", "evaluate", "report"]
   assert changed(negatives__keep_fraction=0.3) == ["negatives", "features", "stage2", "stage3", "export",
                                                    "evaluate", "report"]
+  # every output's owner covers what it depends on (issue 19, case 4): the export holds NegLabel's seed,
+  # the evaluation owns its plots
+  assert changed(eval__seed=7) == ["export", "evaluate", "report"]
+  assert changed(eval__plots=False) == ["evaluate", "report"]
   # speed and logging only: nothing re-runs
   assert changed(synthesis__batch_size=16, stage2__progress_every_secs=1.0, eval__batch_size=8) == []
 

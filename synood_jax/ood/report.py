@@ -94,9 +94,11 @@ def markdown(results: Mapping) -> str:
     out.append(f"- Prompt templates: {', '.join(repr(t) for t in templates)}")
   if h.get("negatives"):
     out.append(f"- Negative labels: {h['negatives']}")
-  if h.get("groups") is not None:
-    out.append(f"- NegLabel groups: {h['groups']}, temperature {h.get('temperature')}, "
-               f"seed {h.get('seed')}; MCM temperature {h.get('mcm_temperature')}")
+  methods = set(results.get("methods", {}))
+  if h.get("groups") is not None and methods - {"mcm"}:  # NegLabel's settings, only with a NegLabel-style row
+    out.append(f"- NegLabel groups: {h['groups']}, temperature {h.get('temperature')}, seed {h.get('seed')}")
+  if "mcm" in methods and h.get("mcm_temperature") is not None:
+    out.append(f"- MCM temperature: {h['mcm_temperature']}")
   if h.get("preprocess"):
     out.append(f"- Preprocessing: {h['preprocess']}")
   accuracy = {m: a for m, a in (results.get("id_accuracy") or {}).items() if a is not None}

@@ -345,6 +345,8 @@ def stage_evaluate(ctx: Context) -> dict:
     specs = dict(id_set=f"id_val={roots['val']}",
                  ood_sets=f"ood_classes={roots['ood']},synthetic_heldout={ctx.wd.synthesis_heldout}")
   sets, id_name = evaluation.sets_from_config(e, **specs)
+  if fileio.is_writer() and not e.plots:  # no plots of an earlier run left beside these results
+    fileio.remove(ctx.wd.plots)
   tuned = tuned_model(ctx)
   names = ctx.config.data.classnames
   evaluation.evaluate(ctx.wd.eval, sets, id_name, clip=ctx.clip, params=ctx.clip_params,
@@ -383,7 +385,7 @@ READS: dict[str, tuple[str, ...]] = {  # config groups / fields; in stage order
     "features": ("pseudo", "models.dtype"),
     "stage2": ("stage2", "models.dtype", "data.classnames", "eval.templates.neglabel"),
     "stage3": ("stage3", "models.dtype"),
-    "export": ("eval.groups", "eval.temperature", "eval.templates.neglabel", "stage2.layernorm_eps",
+    "export": ("eval.groups", "eval.temperature", "eval.seed", "eval.templates.neglabel", "stage2.layernorm_eps",
                "stage2.normalize_inputs"),
     "evaluate": ("eval", "data.classnames", "data.val_root", "models.dtype"),
     "report": (),
@@ -406,7 +408,8 @@ NOT_RESULTS = ("synthesis.batch_size", "synthesis.decode_chunk", "synthesis.log_
                "stage2.checkpoint_every", "stage2.max_to_keep", "stage2.progress_every_secs",
                "stage2.tensorboard", "stage3.checkpoint_every", "stage3.max_to_keep",
                "stage3.progress_every_secs", "stage3.tensorboard", "eval.batch_size", "eval.text_batch_size",
-               "eval.score_batch_size", "eval.num_threads", "eval.cache_dir", "eval.plots")
+               "eval.score_batch_size", "eval.num_threads", "eval.cache_dir")
+# eval.plots is a result: the evaluate stage owns eval/plots/ and removes it when plots are off.
 
 
 def _outputs(wd: Workdir, stage: str) -> tuple[str, ...]:

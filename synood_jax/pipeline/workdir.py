@@ -83,6 +83,7 @@ class Workdir:
   eval = _at("eval")
   results = _at("eval", "results.json")
   results_md = _at("eval", "results.md")
+  plots = _at("eval", "plots")
   report = _at("report.md")
   report_grid = _at("report_grid.png")
   report_losses = _at("report_losses.png")
