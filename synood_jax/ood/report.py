@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from synood_jax import fileio
+from synood_jax.data import decode
 from synood_jax.ood import metrics
 
 PRETTY = {"inaturalist": "iNaturalist", "sun": "SUN", "places": "Places", "textures": "Textures",
@@ -214,7 +215,7 @@ def write_image_grid(pairs: Sequence[tuple[str, str]], path: str, size: int = 96
     x, y = (i % cols) * cell_w, (i // cols) * cell_h
     for k, p in enumerate((src, syn)):
       with fileio.open_file(p) as f, Image.open(f) as im:
-        grid.paste(im.convert("RGB").resize((size, size), Image.BICUBIC), (x + k * size, y))
+        grid.paste(decode.to_rgb(im).resize((size, size), Image.BICUBIC), (x + k * size, y))
     if captions:
       draw.text((x + 2, y + size + 1), captions[i], fill="black")
   fileio.atomic_write(path, lambda f: grid.save(f, format="PNG"))
