@@ -407,6 +407,8 @@ def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, num_cl
     arrays = tuple(parallel.pad_batch(x, local_batch)[0] for x in (np.stack(images), ids, prompt_ids))
     return chunk[:n_real], arrays
 
+  shown = health.counts([])  # written by the one writer thread only
+
   def write(rows, ids, out, scores, losses, statuses, manifest, counted):
     """Each image file, then its manifest line (the order resuming relies on); `counted`: the rows are
     already in the progress count."""
@@ -421,8 +423,9 @@ def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, num_cl
       _write_image(pixels, os.path.join(out_dir, entry["output"]), image_format, config.get("jpeg_quality", 75))
       manifest.write(json.dumps(entry, sort_keys=True) + "\n")
     manifest.flush()  # on an object store: the manifest so far, once a batch
-    progress.update(0 if counted else len(rows),
-                    extra=", ".join(f"{k} {v}" for k, v in health.counts(statuses).items() if v))
+    for k in statuses:  # the statuses of this run so far (as the report counts them), not the batch's
+      shown[k] += 1
+    progress.update(0 if counted else len(rows), extra=", ".join(f"{k} {v}" for k, v in shown.items() if v))
 
   with fileio.LineLog(manifest_path, per_process=jax.process_count() > 1) as manifest, \
        futures.ThreadPoolExecutor(1, "synthesis-load") as loader, \
