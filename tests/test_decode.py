@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synood_jax.data import datasets as data, decode
+from synood_jax import decode
+from synood_jax.data import datasets as data
 from synood_jax.models import clip_preprocess
 from synood_jax.synthesis import synthesize
 

@@ -14,8 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from synood_jax import fileio
-from synood_jax.data import decode
+from synood_jax import decode, fileio
 from synood_jax.ood import metrics
 
 PRETTY = {"inaturalist": "iNaturalist", "sun": "SUN", "places": "Places", "textures": "Textures",

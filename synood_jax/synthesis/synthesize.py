@@ -35,8 +35,7 @@ from PIL import Image
 
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from synood_jax import fileio, parallel, runtime
-from synood_jax.data import decode
+from synood_jax import decode, fileio, parallel, runtime
 from synood_jax.jsonl import read_jsonl
 from synood_jax.synthesis import guidance, health, refinement
 from synood_jax.diffusion import inpaint, schedulers
@@ -60,7 +59,7 @@ def output_relpath(record: dict, image_format: str = "png") -> str:
 
 
 def load_source_image(path: str, size: int) -> np.ndarray:
-  """RGB (`data/decode.py`, as every stage converts) resized to size x size (aspect not kept, as the
+  """RGB (`synood_jax/decode.py`, as every stage converts) resized to size x size (aspect not kept, as the
   official code), float32 in [-1, 1]."""
   with Image.open(path) as im:
     im = decode.to_rgb(im).resize((size, size), Image.BICUBIC)
