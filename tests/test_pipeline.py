@@ -178,7 +178,7 @@ def test_readme_example_scores_a_folder(demo_run, tmp_path, capsys):
   code = _readme_example()
   for placeholder, path in {"/runs/synood_b16/export": os.path.join(workdir, "export"),
                             "/data/my_photos": os.path.join(workdir, "data", "ood"),
-                            "/data/imagenet/val": os.path.join(workdir, "data", "val"),
+                            "/data/my_id_photos": os.path.join(workdir, "data", "val"),
                             "/tmp/my_eval": str(tmp_path / "my_eval")}.items():
     assert placeholder in code
     code = code.replace(placeholder, path)
@@ -196,4 +196,5 @@ def test_readme_example_scores_a_folder(demo_run, tmp_path, capsys):
       assert ours == pytest.approx(pipeline["methods"][method][conv]["ood_classes"], abs=1e-9), (method, conv)
   out = capsys.readouterr().out
   assert "| SynOOD |" in out and "| MCM |" in out
+  assert "partial" not in out  # an ID set named after ImageNet's said "partial" (issue 19, case 7)
   assert min(scores.values()) == pytest.approx(float(out.split()[0]), abs=1e-4)  # printed first: the lowest

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from synood_jax.pipeline import inputs, provenance, stages
+from synood_jax.pipeline import inputs, provenance, stages, values
 from synood_jax.pipeline.workdir import Workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +56,10 @@ def test_fingerprints_change_exactly_downstream():
   assert changed(stage2__epochs=3) == ["stage2", "export", "evaluate", "report"]
   assert changed(negatives__keep_fraction=0.3) == ["negatives", "features", "stage2", "stage3", "export",
                                                    "evaluate", "report"]
+  # every output's owner covers what it depends on (issue 19, case 4): the export holds NegLabel's seed,
+  # the evaluation owns its plots
+  assert changed(eval__seed=7) == ["export", "evaluate", "report"]
+  assert changed(eval__plots=False) == ["evaluate", "report"]
   # speed and logging only: nothing re-runs
   assert changed(synthesis__batch_size=16, stage2__progress_every_secs=1.0, eval__batch_size=8) == []
 
@@ -148,3 +152,112 @@ def test_paths_checked_before_any_stage(tmp_path, recorder):
   assert inputs.clip_folder(str(clip_dir)) == []
   # only the stages that run are checked: the report alone needs no model folder
   assert [f for f, _, p in inputs.checks(c, ["report"]) if p] == []
+  # synthesis guided by the ResNet-50 needs no CLIP folder (issue 19, case 7); guided by CLIP it does
+  c.models.clip_path = str(tmp_path / "no_clip")
+  c.synthesis.classifier, c.synthesis.resnet_path = "resnet50", str(clip_dir / "config.json")
+  assert [f for f, _, p in inputs.checks(c, ["synthesis"]) if p] == ["models.sd_path", "data.train_root"]
+  c.synthesis.classifier = "clip"
+  assert [f for f, _, p in inputs.checks(c, ["synthesis"]) if p] == ["models.clip_path", "models.sd_path",
+                                                                      "data.train_root"]
+
+
+def test_bad_values_refused_before_any_stage(tmp_path, recorder):
+  """Issue 19, case 5: step_size=-inf deleted the previous good synthesis before the health check
+  stopped the run; classifier='clipp' was found after three stages. Now both are one error up front."""
+  wd = Workdir(str(tmp_path))
+  stages.run(demo_config(), wd.root)
+  before = {p: open(p).read() for p in (wd.done("synthesis"), wd.done("report"))}
+  recorder.clear()
+  c = demo_config()
+  c.synthesis.step_size = float("-inf")
+  c.synthesis.classifier = "clipp"
+  c.stage2.lr = float("nan")
+  c.negatives.keep_fraction = 1.5
+  c.eval.fpr95_rules.id_positive = "neglable"
+  with pytest.raises(values.ConfigValueError) as e:
+    stages.run(c, wd.root)
+  print(e.value)
+  assert str(e.value) == (
+      "5 config value(s) are invalid (checked before any stage runs; nothing was changed in the workdir):\n"
+      "  config.stage2.lr=nan: not a finite number\n"
+      "  config.synthesis.step_size=-inf: not a finite number\n"
+      "  config.synthesis.classifier='clipp': not one of 'clip', 'resnet50'\n"
+      "  config.eval.fpr95_rules.id_positive='neglable': not one of 'neglabel', 'openood', 'exact'\n"
+      "  config.negatives.keep_fraction=1.5: want in (0, 1]")
+  assert recorder == [] and os.listdir(wd.synthesis) == ["made_by_run_4.png"]
+  assert {p: open(p).read() for p in before} == before
+  assert values.problems(demo_config()) == []
+
+
+def test_failed_rerun_keeps_the_finished_outputs(tmp_path, recorder, monkeypatch, caplog):
+  """A rerun writes beside the finished synthesis and swaps at the end: a rerun that fails leaves the
+  finished images and done marker as they were; run again, it resumes beside them; at its end they go."""
+  wd = Workdir(str(tmp_path))
+  stages.run(demo_config(), wd.root)
+  done = open(wd.done("synthesis")).read()
+  recorder.clear()
+  fake = stages.STAGE_FNS["synthesis"]
+
+  def failing(ctx):
+    fake(ctx)
+    raise RuntimeError("health check: too many nonfinite images")
+  monkeypatch.setitem(stages.STAGE_FNS, "synthesis", failing)
+  c = demo_config()
+  c.synthesis.target = -2.5
+  with pytest.raises(RuntimeError, match="health check"):
+    stages.run(c, wd.root)
+  assert os.listdir(wd.synthesis) == ["made_by_run_4.png"] and open(wd.done("synthesis")).read() == done
+  assert os.listdir(os.path.join(wd.root, "rerun", "synthesis")) == ["made_by_run_1.png"]
+  # the old config still finds everything done
+  recorder.clear()
+  stages.run(demo_config(), wd.root)
+  assert recorder == []
+  # the new config, with the stage fixed: resumes beside (keeps the first attempt's image), then swaps
+  def second(ctx):
+    open(os.path.join(ctx.wd.synthesis, "second_attempt.png"), "w").close()
+    return fake(ctx)
+  monkeypatch.setitem(stages.STAGE_FNS, "synthesis", second)
+  with caplog.at_level("INFO"):
+    infos = stages.run(c, wd.root)
+  assert any("stage synthesis: resuming its rerun beside the finished outputs" in r.getMessage()
+             for r in caplog.records)
+  assert sorted(os.listdir(wd.synthesis)) == ["made_by_run_1.png", "second_attempt.png"]
+  assert not os.path.exists(os.path.join(wd.root, "rerun", "synthesis"))
+  assert json.load(open(wd.done("synthesis")))["provenance"]["fields"]["synthesis.target"] == -2.5
+  assert infos["synthesis"] == json.load(open(wd.done("synthesis")))
+
+
+def test_interrupted_swap_is_finished_by_the_next_run(tmp_path, recorder):
+  wd = Workdir(str(tmp_path))
+  stages.run(demo_config(), wd.root)
+  new = os.path.join(wd.root, "rerun", "synthesis")
+  os.makedirs(new)
+  open(os.path.join(new, "new.png"), "w").close()
+  info = json.load(open(wd.done("synthesis")))
+  info["marker"] = "the rerun's"
+  # killed right after the record was written: nothing moved yet
+  json.dump({"folders": [wd.synthesis, wd.synthesis_heldout], "made": [wd.synthesis], "done": info},
+            open(os.path.join(wd.root, "rerun", "synthesis.swap.json"), "w"))
+  recorder.clear()
+  stages.run(demo_config(), wd.root)
+  assert os.listdir(wd.synthesis) == ["new.png"] and json.load(open(wd.done("synthesis")))["marker"] == "the rerun's"
+  assert not os.path.exists(os.path.join(wd.root, "rerun", "synthesis.swap.json"))
+
+
+def test_demo_never_writes_into_the_users_folder(tmp_path, recorder, monkeypatch):
+  """Issue 19, case 3: the demo config with data.train_root=<my folder> wrote its 48 generated JPEGs
+  into that folder before the run stopped. Now the demo's images live in the workdir and the pair is
+  refused before any stage."""
+  user = tmp_path / "my_imagenet"
+  (user / "n01440764").mkdir(parents=True)
+  (user / "n01440764" / "fish.JPEG").write_bytes(b"mine")
+  monkeypatch.setitem(stages.STAGE_FNS, "data", stages.stage_data)  # the real one, which writes images
+  c = demo_config()
+  c.data.train_root, c.data.classnames = str(user), "imagenet"
+  with pytest.raises(inputs.InputError) as e:
+    stages.run(c, str(tmp_path / "run"))
+  assert (f"data.train_root='{user}': set together with data.generate: the demo generates its images in "
+          "<workdir>/data and never writes into your folders") in str(e.value)
+  assert sorted(p.name for p in user.rglob("*")) == ["fish.JPEG", "n01440764"] and recorder == []
+  wd = Workdir(str(tmp_path / "run"))
+  assert stages.data_roots(c, wd) == {k: wd.path("data", k) for k in ("train", "val", "ood")}

@@ -1,6 +1,7 @@
-"""Runs README.md's code blocks marked `<!-- readme-example -->`, in order and in one namespace, on tiny
-random models written as HF / diffusers folders (our save_pretrained), offline, so README and code cannot
-drift apart. The model paths in the README are swapped for the tiny folders."""
+"""Runs README.md's code blocks marked `<!-- readme-example -->`, each on its own in a fresh namespace (a
+reader copies one block, not all of them), on tiny random models written as HF / diffusers folders (our
+save_pretrained), offline, in an empty folder, so README and code cannot drift apart. The model paths in
+the README are swapped for the tiny folders."""
 import os
 import re
 
@@ -26,37 +27,35 @@ def readme_blocks() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("readme")
-  folders = {"clip": tiny_clip.make_tiny_clip(str(root / "clip"), seed=0),
-             "sd": tiny_sd.make_tiny_inpaint_pipeline(str(root / "sd"), seed=0)}
-  rng = np.random.default_rng(0)
-  Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / "photo.png")
-  mask = np.zeros((40, 48), np.uint8)
-  mask[8:32, 10:40] = 255
-  Image.fromarray(mask).save(root / "mask.png")
-  return root, folders
+def folders(tmp_path_factory):
+  root = tmp_path_factory.mktemp("readme_models")
+  return {"clip": tiny_clip.make_tiny_clip(str(root / "clip"), seed=0),
+          "sd": tiny_sd.make_tiny_inpaint_pipeline(str(root / "sd"), seed=0)}
 
 
-def test_readme_examples_run(workdir, monkeypatch):
-  root, folders = workdir
-  monkeypatch.chdir(root)
+def _run(block: str, folders: dict) -> dict:
+  for path, key in PATHS.items():
+    block = block.replace(path, folders[key])
+  namespace = {}
+  exec(compile(block, "README.md example", "exec"), namespace)
+  return namespace
+
+
+def test_readme_examples_run_each_on_its_own(folders, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # an empty folder: a block needing a file the reader lacks fails here
   assert os.environ.get("HF_HUB_OFFLINE") == "1"
   blocks = readme_blocks()
   assert len(blocks) >= 3, "README lost its 'Use the models on their own' examples"
-  source = "\n".join(blocks)
-  for path, key in PATHS.items():
-    assert path in source, f"README examples no longer load {path}; update PATHS"
-    source = source.replace(path, folders[key])
-  namespace = {}
-  exec(compile(source, "README.md examples", "exec"), namespace)
+  for path in PATHS:
+    assert any(path in b for b in blocks), f"README examples no longer load {path}; update PATHS"
+  first, second, third = (_run(b, folders) for b in blocks[:3])
 
-  probs = namespace["result"].probs
+  probs = first["result"].probs
   assert probs.shape == (1, 3)
   np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-5)
-  out = np.asarray(namespace["out"])
+  out = np.asarray(second["out"])
   assert out.shape == (1, 32, 32, 3) and out.min() >= 0 and out.max() <= 1  # tiny UNet: 16 x 2 pixels
-  assert Image.open(root / "barn.png").size == (32, 32)
-  out16 = np.asarray(namespace["out16"])
+  assert Image.open(tmp_path / "barn.png").size == (32, 32)
+  out16 = np.asarray(third["out16"])
   assert out16.shape == (4, 32, 32, 3) and np.isfinite(out16).all() and out16.min() >= 0 and out16.max() <= 1
-  assert namespace["scores"].logits.shape == (4, 4)
+  assert third["result16"].logits.shape == (4, 4) and third["result16"].probs.shape == (4, 4)

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from synood_jax import decode
 from synood_jax.models.checkpoint_io import CheckpointError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -70,12 +71,10 @@ def load_config(folder: str | None = None) -> PreprocessConfig:
 
 
 def to_rgb_uint8(image) -> np.ndarray:
-  """HWC uint8 RGB from a PIL image (alpha composited on white, as transformers does) or an array."""
+  """HWC uint8 RGB from a PIL image (the one conversion every stage uses, `synood_jax/decode.py`: alpha
+  composited on white, as transformers does; 16-bit and float scaled) or an array."""
   if isinstance(image, Image.Image):
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-      rgba = image.convert("RGBA")
-      image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(decode.to_rgb(image))
   x = np.asarray(image)
   if x.ndim == 2:
     x = x[..., None]

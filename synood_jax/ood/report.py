@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from synood_jax import fileio
+from synood_jax import decode, fileio
 from synood_jax.ood import metrics
 
 PRETTY = {"inaturalist": "iNaturalist", "sun": "SUN", "places": "Places", "textures": "Textures",
@@ -94,9 +94,11 @@ def markdown(results: Mapping) -> str:
     out.append(f"- Prompt templates: {', '.join(repr(t) for t in templates)}")
   if h.get("negatives"):
     out.append(f"- Negative labels: {h['negatives']}")
-  if h.get("groups") is not None:
-    out.append(f"- NegLabel groups: {h['groups']}, temperature {h.get('temperature')}, "
-               f"seed {h.get('seed')}; MCM temperature {h.get('mcm_temperature')}")
+  methods = set(results.get("methods", {}))
+  if h.get("groups") is not None and methods - {"mcm"}:  # NegLabel's settings, only with a NegLabel-style row
+    out.append(f"- NegLabel groups: {h['groups']}, temperature {h.get('temperature')}, seed {h.get('seed')}")
+  if "mcm" in methods and h.get("mcm_temperature") is not None:
+    out.append(f"- MCM temperature: {h['mcm_temperature']}")
   if h.get("preprocess"):
     out.append(f"- Preprocessing: {h['preprocess']}")
   accuracy = {m: a for m, a in (results.get("id_accuracy") or {}).items() if a is not None}
@@ -212,7 +214,7 @@ def write_image_grid(pairs: Sequence[tuple[str, str]], path: str, size: int = 96
     x, y = (i % cols) * cell_w, (i // cols) * cell_h
     for k, p in enumerate((src, syn)):
       with fileio.open_file(p) as f, Image.open(f) as im:
-        grid.paste(im.convert("RGB").resize((size, size), Image.BICUBIC), (x + k * size, y))
+        grid.paste(decode.to_rgb(im).resize((size, size), Image.BICUBIC), (x + k * size, y))
     if captions:
       draw.text((x + 2, y + size + 1), captions[i], fill="black")
   fileio.atomic_write(path, lambda f: grid.save(f, format="PNG"))

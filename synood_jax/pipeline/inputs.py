@@ -99,10 +99,18 @@ def checks(config, stages: Iterable[str]) -> list[tuple[str, str, list[str]]]:
       out.append((field, path, fn(path)))
 
   generated = bool(c.data.get("generate"))
-  check("models.clip_path", c.models.clip_path, clip_folder, CLIP_STAGES)
+  # Synthesis loads CLIP only as its guidance classifier; with the ResNet-50 it needs no CLIP folder.
+  clip_users = [s for s in CLIP_STAGES if s != "synthesis" or c.synthesis.classifier == "clip"]
+  check("models.clip_path", c.models.clip_path, clip_folder, clip_users)
   check("models.sd_path", c.models.sd_path, sd_folder, ("synthesis",))
   if not generated:
     check("data.train_root", c.data.train_root, _folder, ("sources", "synthesis", "features"))
+  else:  # the demo writes its generated images in the workdir only, never into a folder of the user's
+    for key in ("train_root", "val_root"):
+      check(f"data.{key}", c.data.get(key), lambda _: [
+          "set together with data.generate: the demo generates its images in <workdir>/data and never "
+          "writes into your folders; to use your images, take a config without data.generate "
+          "(configs/imagenet_vitb16.py)"], ("data", "sources", "synthesis", "features", "evaluate"))
   check("data.classnames", c.data.classnames, _classnames, ("sources",) + CLIP_STAGES)
   check("context.answers_file", c.context.answers_file, _file, ("synthesis",))
   if c.synthesis.classifier == "resnet50":

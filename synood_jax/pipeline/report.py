@@ -12,6 +12,7 @@ import numpy as np
 from synood_jax import fileio
 from synood_jax.ood.report import (markdown, plot_boundary_scores, plot_loss_curves, pretty, set_label,
                                    write_image_grid)
+from synood_jax.pipeline import code_version
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax.synthesis import health
 
@@ -44,6 +45,7 @@ def setup_lines(config: dict, sources_info: dict) -> list[str]:
                  "stage runs, not how well SynOOD works.")
   for key, what in (("clip_path", "CLIP"), ("sd_path", "SD-2 in-painting")):
     lines.append(f"- {what}: " + (f"`{m[key]}`" if m.get(key) else "random (tiny, made by the models stage)"))
+  lines.append(f"- Code: {code_version.describe(config.get('code'))}")
   lines.append(f"- Guidance classifier: {s.get('classifier', '?')}" +
                (f" (`{s.get('resnet_path')}`)" if s.get("classifier") == "resnet50" else ""))
   if sources_info:
@@ -141,6 +143,11 @@ def write_run_report(wd: Workdir, max_pairs: int = 12) -> str:
                                                      config.get("eval", {}).get("tuned_method", "synood"))
 
   lines += ["## Synthesis", ""]
+  skipped = sources_info.get("skipped") or []
+  if skipped:  # counted in done/sources.json: said here too
+    lines.append(f"{len(skipped)} training image(s) could not be read when the sources were selected and were "
+                 "left out: " + ", ".join(f"`{x['path']}` ({x['reason']})" for x in skipped[:5])
+                 + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "") + ".")
   statuses = health.counts([health.status_of(m) for m in manifest])
   drop = bool(config.get("pseudo", {}).get("drop_flagged"))
   lines.append(f"{len(manifest)} synthetic images: " + ", ".join(f"{k} {v}" for k, v in statuses.items())
@@ -181,10 +188,14 @@ def write_run_report(wd: Workdir, max_pairs: int = 12) -> str:
               for name, rows in curves.items()]
     lines += ["", f"![loss curves]({rel(path)})"]
 
-  plots = os.path.join(wd.eval, "plots")
-  lines += ["", "## ROC curves and score histograms", ""]
-  lines += [f"![ROC {s}]({rel(os.path.join(plots, f'roc_{s}.png'))})" for s in results["ood_sets"]]
-  lines += [""] + [f"- [{pretty(m)} score histogram]({rel(os.path.join(plots, f'hist_{m}.png'))})"
-                   for m in results["methods"] if fileio.exists(os.path.join(plots, f"hist_{m}.png"))]
+  # Links only to plots that exist (eval.plots=False: the evaluate stage removed them).
+  rocs = [(s, os.path.join(wd.plots, f"roc_{s}.png")) for s in results["ood_sets"]]
+  rocs = [(s, p) for s, p in rocs if fileio.exists(p)]
+  hists = [(m, os.path.join(wd.plots, f"hist_{m}.png")) for m in results["methods"]]
+  hists = [(m, p) for m, p in hists if fileio.exists(p)]
+  if rocs or hists:
+    lines += ["", "## ROC curves and score histograms", ""]
+    lines += [f"![ROC {s}]({rel(p)})" for s, p in rocs]
+    lines += [""] + [f"- [{pretty(m)} score histogram]({rel(p)})" for m, p in hists]
   fileio.write_text(wd.report, "\n".join(lines) + "\n")
   return wd.report

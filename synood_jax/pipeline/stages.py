@@ -34,7 +34,7 @@ from synood_jax.synthesis import context_prompts, guidance, health, sources, syn
 from synood_jax.data import datasets as data, imagenet as imagenet_classes
 from synood_jax.demo import images as demo_data
 from synood_jax.ood import evaluation
-from synood_jax.pipeline import export, inputs, provenance
+from synood_jax.pipeline import code_version, export, inputs, lock, provenance, staging, values
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax.train import negatives, projection
 from synood_jax.labels import negative_labels as nl
@@ -57,8 +57,9 @@ def model_paths(config, wd: Workdir) -> tuple[str, str]:
 def data_roots(config, wd: Workdir) -> dict[str, str]:
   """Source images (ID train), plus for the demo the generated held-out sets."""
   d = config.data
-  return {"train": d.train_root or wd.path("data", "train"), "val": d.get("val_root") or wd.path("data", "val"),
-          "ood": wd.path("data", "ood")}
+  if d.get("generate"):  # generated images live in the workdir, whatever the roots say (inputs.py refuses both)
+    return {name: wd.path("data", name) for name in ("train", "val", "ood")}
+  return {"train": d.train_root or wd.path("data", "train"), "val": d.get("val_root") or wd.path("data", "val"), "ood": wd.path("data", "ood")}
 
 
 @dataclasses.dataclass
@@ -331,7 +332,7 @@ def stage_export(ctx: Context) -> dict:
   if not fileio.is_writer():
     return {"folder": ctx.wd.export}
   folder = export.export_tuned(ctx.wd.export, model, ctx.negatives.labels.prompts,
-                               {"clip_source": model_paths(ctx.config, ctx.wd)[0]})
+                               {"clip_source": model_paths(ctx.config, ctx.wd)[0], "code": code_version.summary()})
   return {"folder": folder}
 
 
@@ -344,6 +345,8 @@ def stage_evaluate(ctx: Context) -> dict:
     specs = dict(id_set=f"id_val={roots['val']}",
                  ood_sets=f"ood_classes={roots['ood']},synthetic_heldout={ctx.wd.synthesis_heldout}")
   sets, id_name = evaluation.sets_from_config(e, **specs)
+  if fileio.is_writer() and not e.plots:  # no plots of an earlier run left beside these results
+    fileio.remove(ctx.wd.plots)
   tuned = tuned_model(ctx)
   names = ctx.config.data.classnames
   evaluation.evaluate(ctx.wd.eval, sets, id_name, clip=ctx.clip, params=ctx.clip_params,
@@ -382,7 +385,7 @@ READS: dict[str, tuple[str, ...]] = {  # config groups / fields; in stage order
     "features": ("pseudo", "models.dtype"),
     "stage2": ("stage2", "models.dtype", "data.classnames", "eval.templates.neglabel"),
     "stage3": ("stage3", "models.dtype"),
-    "export": ("eval.groups", "eval.temperature", "eval.templates.neglabel", "stage2.layernorm_eps",
+    "export": ("eval.groups", "eval.temperature", "eval.seed", "eval.templates.neglabel", "stage2.layernorm_eps",
                "stage2.normalize_inputs"),
     "evaluate": ("eval", "data.classnames", "data.val_root", "models.dtype"),
     "report": (),
@@ -405,7 +408,8 @@ NOT_RESULTS = ("synthesis.batch_size", "synthesis.decode_chunk", "synthesis.log_
                "stage2.checkpoint_every", "stage2.max_to_keep", "stage2.progress_every_secs",
                "stage2.tensorboard", "stage3.checkpoint_every", "stage3.max_to_keep",
                "stage3.progress_every_secs", "stage3.tensorboard", "eval.batch_size", "eval.text_batch_size",
-               "eval.score_batch_size", "eval.num_threads", "eval.cache_dir", "eval.plots")
+               "eval.score_batch_size", "eval.num_threads", "eval.cache_dir")
+# eval.plots is a result: the evaluate stage owns eval/plots/ and removes it when plots are off.
 
 
 def _outputs(wd: Workdir, stage: str) -> tuple[str, ...]:
@@ -425,7 +429,7 @@ def plan(config, wd: Workdir, stages: list[str]) -> tuple[dict, list[Step]]:
   """(fingerprints, what to do with each requested stage). Raises when a stage would read a stale or
   missing input that this run does not make, and (config.on_change='error') when a finished stage's
   inputs changed."""
-  fps = provenance.fingerprints(config, READS, CONSUMES, VERSIONS, NOT_RESULTS)
+  fps = provenance.fingerprints(config, READS, CONSUMES, VERSIONS, NOT_RESULTS, code=code_version.current())
   steps, will_be_valid = [], set()
   done = {name: provenance.read_json(wd.done(name)) for name in STAGES}
   for name in STAGES:
@@ -464,22 +468,26 @@ def run(config, workdir: str, stages=None) -> dict:
   unknown = [s for s in stages if s not in STAGE_FNS]
   if unknown:
     raise ValueError(f"unknown stage(s) {unknown}; the stages are {STAGES}")
-  if config.get("on_change", "rerun") not in provenance.ON_CHANGE:
-    raise ValueError(f"config.on_change: {config.on_change!r} is not one of {provenance.ON_CHANGE}")
+  values.validate(config)  # every value, before any stage runs or any output is touched
   stages = [s for s in STAGES if s in stages]  # stage order, whatever order they were given in
   wd = Workdir(workdir)
   if fileio.is_writer():
     fileio.makedirs(wd.root)
   runtime.check_shared_dir(wd.root)
-  fps, steps = plan(config, wd, stages)
-  # Process 0's plan for every process (each read the same markers, but one must decide).
-  steps = [Step(**step) for step in runtime.gather_json([dataclasses.asdict(st) for st in steps])[0]]
-  inputs.validate(config, [s.stage for s in steps if s.action != "skip"])  # before hours of work, not after
-  if fileio.is_writer():
-    provenance.write_json(wd.config, json.loads(config.to_json_best_effort(sort_keys=True)))
-  ctx = Context(config, wd)
-  infos = {step.stage: _run_stage(ctx, step, fps[step.stage]) for step in steps}
-  runtime.barrier("pipeline: finished")
+  with lock.hold_for_job(wd.root):  # one run at a time: a second one refuses here, naming this one
+    if fileio.is_writer():
+      staging.recover(wd)
+    runtime.barrier("pipeline: workdir recovered")
+    fps, steps = plan(config, wd, stages)
+    # Process 0's plan for every process (each read the same markers, but one must decide).
+    steps = [Step(**step) for step in runtime.gather_json([dataclasses.asdict(st) for st in steps])[0]]
+    inputs.validate(config, [s.stage for s in steps if s.action != "skip"])  # before hours of work, not after
+    if fileio.is_writer():
+      provenance.write_json(wd.config, {**json.loads(config.to_json_best_effort(sort_keys=True)),
+                                        "code": code_version.summary()})
+    ctx = Context(config, wd)
+    infos = {step.stage: _run_stage(ctx, step, fps[step.stage]) for step in steps}
+    runtime.barrier("pipeline: finished")
   return infos
 
 
@@ -492,18 +500,34 @@ def _run_stage(ctx: Context, step: Step, fp: provenance.Fingerprint) -> dict:
     return provenance.read_json(wd.done(name))
   if step.action == "rerun":
     logging.warning("stage %s: inputs changed since it ran, re-running it (%s)", name, "; ".join(step.changes))
+  folders = _outputs(wd, name)
+  # A finished stage's outputs stay until its rerun's are complete: the rerun writes beside them.
+  beside = runtime.agreed(bool(step.action == "rerun" and folders and fileio.exists(wd.done(name))))
   if fileio.is_writer():
-    for path in [wd.done(name), *_outputs(wd, name)] if step.action == "rerun" else []:
-      fileio.remove(path)
+    if beside:
+      started = provenance.read_json(wd.started(name)) or {}
+      staging.prepare(wd, name, folders, resume=started.get("fingerprint") == fp.value)
+    else:
+      for path in [wd.done(name), *folders] if step.action == "rerun" else []:
+        fileio.remove(path)
     provenance.write_json(wd.started(name), fp.as_dict())
   runtime.barrier(f"stage {name}: start")
   start = time.perf_counter()
   logging.info("stage %s: %s", name, "resuming" if step.action == "resume" else "starting")
-  info = STAGE_FNS[name](ctx) or {}
+  ctx.wd = staging.staged(wd, folders) if beside else wd
+  try:
+    info = STAGE_FNS[name](ctx) or {}
+  finally:
+    ctx.wd = wd
   info["seconds"] = round(time.perf_counter() - start, 2)
   info["provenance"] = fp.as_dict()
   runtime.barrier(f"stage {name}: end")  # every process's files are in place before the marker
+  if beside:
+    info = staging.final_paths(info, wd)  # its paths as they are after the swap
   if fileio.is_writer():
-    provenance.write_json(wd.done(name), info)
+    if beside:
+      staging.swap(wd, name, folders, info)
+    else:
+      provenance.write_json(wd.done(name), info)
   logging.info("stage %s: done in %.1f s", name, info["seconds"])
   return info

@@ -14,10 +14,13 @@
   export/                      stage `export`: the tuned model
   eval/                        stage `evaluate`: results.json, results.md, plots/, cache/
   report.md, report_grid.png, report_losses.png, report_scores.png   stage `report`
-  config.json                  the full resolved config of the latest run
+  config.json                  the full resolved config of the latest run, and the code version it ran
+  run.lock (run.lease on gs://) the run holding the workdir now (or the last one): host, pid, start, command
   started/<stage>.json         the stage's fingerprint when it started (a killed stage resumes only if equal)
   done/<stage>.json            written last by each stage, with its fingerprint; a rerun skips the stage
                                while the config fields it reads (and its inputs) are unchanged
+  rerun/                       a rerun of a finished stage writes its folders here and swaps them in at the
+                               end (staging.py), so the finished outputs stay until the new ones are complete
 
 The root may be a local or shared disk, or an object store URL (gs://bucket/run, where a GCS filesystem
 for etils.epath is installed: gcsfs or tensorflow). Paths stay strings joined here; every read and
@@ -29,14 +32,20 @@ import dataclasses
 import os
 
 
+RERUN = "rerun"
+
+
 def _at(*parts: str) -> property:
-  """A path under the run's root, as a read-only attribute."""
-  return property(lambda self: os.path.join(self.root, *parts))
+  """A path under the run's root (under <root>/rerun/ for the entries a staged rerun writes beside the
+  finished ones), as a read-only attribute."""
+  return property(lambda self: os.path.join(self.root, RERUN, *parts) if parts[0] in self.beside
+                  else os.path.join(self.root, *parts))
 
 
 @dataclasses.dataclass(frozen=True)
 class Workdir:
   root: str
+  beside: tuple[str, ...] = ()  # top-level entries this view places under <root>/rerun/ (staging.py)
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.root, *parts)
@@ -48,6 +57,8 @@ class Workdir:
     return self.path("started", f"{stage}.json")
 
   config = _at("config.json")
+  lock = _at("run.lock")      # lock.py: one run at a time
+  lease = _at("run.lease")
 
   # Inputs the demo makes.
   models = _at("models")
@@ -72,6 +83,7 @@ class Workdir:
   eval = _at("eval")
   results = _at("eval", "results.json")
   results_md = _at("eval", "results.md")
+  plots = _at("eval", "plots")
   report = _at("report.md")
   report_grid = _at("report_grid.png")
   report_losses = _at("report_losses.png")

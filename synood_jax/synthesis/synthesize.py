@@ -35,7 +35,7 @@ from PIL import Image
 
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from synood_jax import fileio, parallel, runtime
+from synood_jax import decode, fileio, parallel, runtime
 from synood_jax.jsonl import read_jsonl
 from synood_jax.synthesis import guidance, health, refinement
 from synood_jax.diffusion import inpaint, schedulers
@@ -59,9 +59,10 @@ def output_relpath(record: dict, image_format: str = "png") -> str:
 
 
 def load_source_image(path: str, size: int) -> np.ndarray:
-  """RGB resized to size x size (aspect not kept, as the official code), float32 in [-1, 1]."""
+  """RGB (`synood_jax/decode.py`, as every stage converts) resized to size x size (aspect not kept, as the
+  official code), float32 in [-1, 1]."""
   with Image.open(path) as im:
-    im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+    im = decode.to_rgb(im).resize((size, size), Image.BICUBIC)
     return np.asarray(im, np.float32) / 127.5 - 1.0
 
 
@@ -407,6 +408,8 @@ def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, num_cl
     arrays = tuple(parallel.pad_batch(x, local_batch)[0] for x in (np.stack(images), ids, prompt_ids))
     return chunk[:n_real], arrays
 
+  shown = health.counts([])  # written by the one writer thread only
+
   def write(rows, ids, out, scores, losses, statuses, manifest, counted):
     """Each image file, then its manifest line (the order resuming relies on); `counted`: the rows are
     already in the progress count."""
@@ -421,8 +424,9 @@ def _run_batches(config, out_dir, manifest_path, pipe, params, logits_fn, num_cl
       _write_image(pixels, os.path.join(out_dir, entry["output"]), image_format, config.get("jpeg_quality", 75))
       manifest.write(json.dumps(entry, sort_keys=True) + "\n")
     manifest.flush()  # on an object store: the manifest so far, once a batch
-    progress.update(0 if counted else len(rows),
-                    extra=", ".join(f"{k} {v}" for k, v in health.counts(statuses).items() if v))
+    for k in statuses:  # the statuses of this run so far (as the report counts them), not the batch's
+      shown[k] += 1
+    progress.update(0 if counted else len(rows), extra=", ".join(f"{k} {v}" for k, v in shown.items() if v))
 
   with fileio.LineLog(manifest_path, per_process=jax.process_count() > 1) as manifest, \
        futures.ThreadPoolExecutor(1, "synthesis-load") as loader, \
