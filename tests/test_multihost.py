@@ -172,6 +172,8 @@ def _files(root: str) -> dict[str, str]:
       rel = os.path.relpath(path, root)
       if "/checkpoints/" in f"/{rel}":  # orbax's own layout (timestamps); the params they end in are compared
         continue
+      if rel == "run.lock":  # who held the workdir (host, pid, start time): one run's own record
+        continue
       if rel.startswith(os.path.join("eval", "cache")):  # the key hashes the model folder path: by set name
         rel = os.path.join("eval", "cache", f.rsplit("-", 1)[0] + ".npz")
       out[rel] = path
