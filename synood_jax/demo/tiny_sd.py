@@ -12,7 +12,7 @@ import jax
 
 from synood_jax import fileio
 from synood_jax.models import checkpoint_io
-from synood_jax.models import clip
+from synood_jax.models import clip, clip_config
 from synood_jax.demo import tiny_clip as tiny
 from synood_jax.models import unet as unet_lib
 from synood_jax.models import vae as vae_lib
@@ -53,7 +53,7 @@ def make_tiny_inpaint_pipeline(folder: str, seed: int = 0) -> str:
                            os.path.join(folder, "unet"))
   vae_lib.save_pretrained(TINY_VAE_CONFIG, vae_lib.init_params(TINY_VAE_CONFIG, k_vae),
                           os.path.join(folder, "vae"))
-  text_cfg = clip.config_from_hf({"model_type": "clip_text_model", **TINY_TEXT_CONFIG}, projection=False)
+  text_cfg = clip_config.config_from_hf({"model_type": "clip_text_model", **TINY_TEXT_CONFIG}, projection=False)
   clip.save_pretrained(clip.create(text_cfg, seed=seed), os.path.join(folder, "text_encoder"))
   tiny.write_char_tokenizer(os.path.join(folder, "tokenizer"))
   checkpoint_io.write_config(os.path.join(folder, "scheduler"), SD2_INPAINT_SCHEDULER,
