@@ -49,10 +49,8 @@ MODEL_INDEX = {
 def make_tiny_inpaint_pipeline(folder: str, seed: int = 0) -> str:
   """Write a random tiny SD-2-in-painting-shaped pipeline to `folder`; returns it."""
   k_unet, k_vae = jax.random.split(jax.random.PRNGKey(seed))
-  unet_lib.save_pretrained(TINY_UNET_CONFIG, unet_lib.init_params(TINY_UNET_CONFIG, k_unet),
-                           os.path.join(folder, "unet"))
-  vae_lib.save_pretrained(TINY_VAE_CONFIG, vae_lib.init_params(TINY_VAE_CONFIG, k_vae),
-                          os.path.join(folder, "vae"))
+  unet_lib.save(os.path.join(folder, "unet"), TINY_UNET_CONFIG, unet_lib.init_params(TINY_UNET_CONFIG, k_unet))
+  vae_lib.save(os.path.join(folder, "vae"), TINY_VAE_CONFIG, vae_lib.init_params(TINY_VAE_CONFIG, k_vae))
   text_cfg = clip_config.config_from_hf({"model_type": "clip_text_model", **TINY_TEXT_CONFIG}, projection=False)
   clip.save_pretrained(clip.create(text_cfg, seed=seed), os.path.join(folder, "text_encoder"))
   tiny.write_char_tokenizer(os.path.join(folder, "tokenizer"))

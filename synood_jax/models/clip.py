@@ -1,7 +1,8 @@
 """CLIP's face: `config`, `load`, `save` of a Hugging Face folder, and the bundle (config, module, params,
 tokenizer folder) that the rest of the package encodes with.
 
-  module, params = clip.load(folder, jnp.bfloat16, attention="auto")     # as unet / vae / resnet
+  module, params = clip.load(folder, jnp.bfloat16, attention="auto")     # as unet / vae / resnet:
+  clip.save(out, clip.config(folder), params)                             # config / load / save
   bundle = clip.from_pretrained(folder)                                   # + the tokenizer
   clip.save_pretrained(bundle, out)                                       # transformers loads `out`
 
@@ -184,11 +185,11 @@ def load(folder: str, dtype: Dtype = jnp.float32, attention: str = "auto",
   return module, params
 
 
-def save(folder: str, module: CLIP, params: Any) -> str:
+def save(folder: str, config: CLIPConfig, params: Any) -> str:
   """config.json + model.safetensors (float32) that transformers' CLIP*.from_pretrained loads."""
-  checkpoint_io.write_config(folder, to_hf_config(module.config))
+  checkpoint_io.write_config(folder, to_hf_config(config))
   state = checkpoint_io.params_to_state_dict(jax.device_get(params))
-  if not module.config.projection:  # transformers 5's bare-tower layout: no `text_model.` level
+  if not config.projection:  # transformers 5's bare-tower layout: no `text_model.` level
     state = {k.split(".", 1)[1]: v for k, v in state.items()}
   checkpoint_io.save_state_dict(folder, state)
   return folder
@@ -206,7 +207,7 @@ def from_pretrained(path: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | 
 
 def save_pretrained(bundle: CLIPBundle, path: str, params: Any = None) -> str:
   """`save` plus the bundle's tokenizer / preprocessor files."""
-  save(path, bundle.module, bundle.params if params is None else params)
+  save(path, bundle.config, bundle.params if params is None else params)
   if bundle.folder and os.path.abspath(bundle.folder) != os.path.abspath(path):
     for name in TOKENIZER_FILES:
       src = os.path.join(bundle.folder, name)
