@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synood_jax.data import datasets as data, imagenet as imagenet_classes, prepare
+from synood_jax.data import datasets as data, imagenet as imagenet_classes, loader as data_loader, prepare
 from synood_jax.models import zero_shot
 from synood_jax.ood import evaluation, features, report, sets as eval_sets
 
@@ -64,7 +64,7 @@ def test_corrupt_image_reported_by_path(tmp_path, caplog):
     f.truncate(60)
   ds = data.image_folder(str(tmp_path / "ood"))
   assert ds.classes is None and all(r.label == -1 for r in ds.records) and len(ds) == 5
-  loader = data.ImageLoader(ds, 2, lambda im: np.asarray(im.convert("RGB"), np.float32) / 255,
+  loader = data_loader.ImageLoader(ds, 2, lambda im: np.asarray(im.convert("RGB"), np.float32) / 255,
                             num_threads=2)
   with caplog.at_level(logging.WARNING):
     batches = list(loader)
@@ -76,7 +76,7 @@ def test_corrupt_image_reported_by_path(tmp_path, caplog):
   bad = sorted(f.path for f in loader.failures)
   assert bad == [str(tmp_path / "ood" / "2.png"), str(tmp_path / "ood" / "4.png")]
   assert str(tmp_path / "ood" / "2.png") in caplog.text and "2 of 5 images" in caplog.text
-  assert sorted(f.path for f in data.check_readable(ds, decode=True)) == bad
+  assert sorted(f.path for f in data_loader.check_readable(ds, decode=True)) == bad
 
 
 def test_prepare_counts_and_missing(tmp_path):
@@ -379,7 +379,7 @@ def test_tfds_array_record_source(tmp_path):
   src = builder.as_data_source(split="test")
   assert [r.label for r in ds.records] == [int(src[i]["label"]) for i in order]
   assert not data.missing_files(ds)
-  loader = data.ImageLoader(ds, 2, lambda im: np.asarray(im, np.float32), num_threads=2)
+  loader = data_loader.ImageLoader(ds, 2, lambda im: np.asarray(im, np.float32), num_threads=2)
   got = np.concatenate([b["image"] for b in loader])
   np.testing.assert_array_equal(got, np.stack([src[i]["image"] for i in order]).astype(np.float32))
   assert loader.failures == []

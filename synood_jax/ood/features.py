@@ -22,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from synood_jax import fileio, parallel, runtime
-from synood_jax.data import datasets as data
+from synood_jax.data import datasets as data, loader as loader_lib
 from synood_jax.models import clip_preprocess, zero_shot
 from synood_jax.progress import Progress
 
@@ -125,7 +125,7 @@ def encode_process_slices(bundle, params, dataset: data.Dataset, preprocess: Cal
   batch_size = parallel.round_up(batch_size, parallel.batch_size_multiple(mesh))  # equal rows per device
   local, n_batches = batch_size // jax.process_count(), -(-len(dataset) // batch_size)
   mine = process_records(len(dataset), batch_size)
-  loader = data.ImageLoader(dataclasses.replace(dataset, records=[dataset.records[i] for i in mine]), local,
+  loader = loader_lib.ImageLoader(dataclasses.replace(dataset, records=[dataset.records[i] for i in mine]), local,
                             preprocess, num_threads=num_threads)
   size = bundle.config.vision.image_size
   feats = np.zeros((n_batches, local, bundle.config.projection_dim), np.float32)

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 
 from absl import logging
 
-from synood_jax.data import datasets as data, prepare
+from synood_jax.data import datasets as data, loader, prepare
 
 
 def parse_sets(spec: str | Sequence[str] | Mapping[str, str], data_dir: str = "") -> dict[str, str]:
@@ -45,9 +45,9 @@ def load_sets(id_sets: Mapping[str, str], ood_sets: Mapping[str, str], *, allow_
     if name in ood_sets:  # a folder of OOD images may have subfolders (iNaturalist/images, dtd/images/*)
       ds.records = [data.Record(r.path, data.OOD_LABEL) for r in ds.records]
     if verify == "exists":
-      bad = [data.Failure(-1, p, "missing") for p in data.missing_files(ds)]
+      bad = [loader.Failure(-1, p, "missing") for p in data.missing_files(ds)]
     else:
-      bad = data.check_readable(ds, decode=verify == "decode", num_threads=num_threads)
+      bad = loader.check_readable(ds, decode=verify == "decode", num_threads=num_threads)
     for f in bad:
       problems.append(f"{name}: {f.error} {f.path}")
     if bad and allow_partial:
