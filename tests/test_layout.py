@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "synood_jax"
 # Layer of each sub-package (top-level modules are layer 0). A module may import its own package, or a
 # package of a lower layer; never one of the same layer or above.
 LAYERS = {"": 0, "models": 1, "data": 1, "diffusion": 2, "demo": 2, "labels": 2,
-          "ood": 3, "synthesis": 3, "train": 3, "pipeline": 4}
+          "ood": 3, "synthesis": 3, "train": 3, "pipeline": 4, "testing": 5}
 
 
 def _package(module: str) -> str:

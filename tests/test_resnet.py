@@ -16,7 +16,7 @@ from torch import nn
 
 from synood_jax.models.checkpoint_io import CheckpointError
 from synood_jax.models import resnet
-from torch_reference import TorchResNet, random_resnet, torch_preprocess
+from synood_jax.testing.torch_reference import TorchResNet, random_resnet, torch_preprocess
 
 # Known torchvision resnet50 keys (from torchvision's published state dict), spot-checked below.
 TORCHVISION_KEYS = ["conv1.weight", "bn1.running_var", "bn1.num_batches_tracked", "layer1.0.downsample.0.weight",

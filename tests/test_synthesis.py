@@ -27,7 +27,7 @@ from synood_jax.models import zero_shot  # noqa: E402
 from synood_jax.diffusion import inpaint, pipeline  # noqa: E402
 from synood_jax.models import clip, resnet
 from synood_jax.demo import tiny_clip as tiny, tiny_sd  # noqa: E402
-from torch_reference import official_loop, random_resnet, torch_preprocess  # noqa: E402
+from synood_jax.testing.torch_reference import official_loop, random_resnet, torch_preprocess  # noqa: E402
 
 IMAGE, LATENT = 32, 16
 CLASSNAMES = ["stripes", "rings"]

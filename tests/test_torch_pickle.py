@@ -220,7 +220,7 @@ def test_broken_files_name_file_and_key(tmp_path):
 
 
 def test_loading_imports_no_torch(tmp_path):
-  from torch_reference import random_resnet  # noqa: PLC0415  (tests/ is on the path under pytest)
+  from synood_jax.testing.torch_reference import random_resnet  # noqa: PLC0415  (imports torch)
   torch.save(random_resnet((1, 1, 1, 1), 8, 10, seed=0).state_dict(), tmp_path / "resnet.pth")
   os.makedirs(tmp_path / "hf")
   torch.save(_random(4), tmp_path / "hf" / "pytorch_model.bin")
