@@ -15,7 +15,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(1, os.path.join(ROOT, "tests"))  # tests/torch_reference.py: the PyTorch references, no JAX
 
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
@@ -289,7 +288,7 @@ def random_resnet50(path: str, seed: int = 0):
   """A random torchvision-layout ResNet-50 (1000 classes) saved as a state dict at `path`; returns the
   torch model (eval mode). The builder is the tests' (torchvision is not installed beside this torch)."""
   import torch
-  from torch_reference import random_resnet  # pylint: disable=import-outside-toplevel
+  from synood_jax.testing.torch_reference import random_resnet  # pylint: disable=import-outside-toplevel
   model = random_resnet((3, 4, 6, 3), 64, 1000, seed=seed)
   torch.save(model.state_dict(), path)
   return model

@@ -92,7 +92,7 @@ def model_table():
   public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}
   model = common._perturbed(diffusers.AutoencoderKL(**public(vae.TINY_VAE_CONFIG)), 5)
   model.save_pretrained(folder)
-  vmod, vparams = vae.from_pretrained(folder)
+  vmod, vparams = vae.load(folder)
   zeros = np.zeros((4, 32, 32, 3), np.float32)
   with torch.no_grad():
     ref = model.double().encode(torch.zeros(4, 3, 32, 32, dtype=torch.float64)).latent_dist.mean

@@ -1,7 +1,7 @@
 """The official SynOOD synthesis procedure in PyTorch, as the benchmarks run it; no JAX is imported here,
 so a cold process of it pays only for what the official code needs (torch, diffusers).
 
-Reference: `official_loop` of tests/torch_reference.py, the official `generate_near_ood_sample.py` loop on
+Reference: `official_loop` of synood_jax/testing/torch_reference.py, the official `generate_near_ood_sample.py` loop on
 diffusers' StableDiffusionInpaintPipeline (which agrees with the official modified pipeline given
 identical latents), with a random torchvision-layout ResNet-50 and its transforms. Per batch: VAE-encode
 the sources and sample the posterior, draw eps; then K times: z_t = add_noise(z_in, eps, t0); under
@@ -34,7 +34,7 @@ class Official:
 
   def __init__(self, folder: str, resnet_path: str):
     import torch
-    from torch_reference import official_loop, random_resnet  # pylint: disable=import-outside-toplevel
+    from synood_jax.testing.torch_reference import official_loop, random_resnet  # pylint: disable=import-outside-toplevel
     self.torch, self.loop, self.dev, self.dtype = torch, official_loop, common.torch_device(), common.torch_dtype()
     self.pipe = common.load_torch_pipeline(folder)
     model = random_resnet((3, 4, 6, 3), 64, 1000, seed=0)

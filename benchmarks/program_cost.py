@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from synood_jax.diffusion import inpaint, pipeline, schedulers
-from synood_jax.models import checkpoint_io, clip, resnet, unet as unet_lib, vae as vae_lib
-from synood_jax.synthesis import guidance, refinement, synthesize as synthesis
+from synood_jax.models import checkpoint_io, clip, clip_config, clip_modules, resnet, unet as unet_lib, vae as vae_lib
+from synood_jax.synthesis import guidance, programs, refinement
 
 GIB = 2.0**30
 
@@ -29,8 +29,8 @@ def abstract_pipeline(unet_cfg: dict, vae_cfg: dict, text_cfg: dict, scheduler_c
   """(InpaintPipeline, abstract params incl. a ResNet-50 classifier's, logits_fn) from config dicts."""
   unet = unet_lib.build(unet_cfg, dtype, attention=attention)
   vae = vae_lib.build(vae_cfg, dtype, attention=attention)
-  text_config = clip.config_from_hf({"model_type": "clip_text_model", **text_cfg}, projection=False)
-  text_module = clip.CLIP(text_config, dtype=dtype, param_dtype=dtype, attention=attention)
+  text_config = clip_config.config_from_hf({"model_type": "clip_text_model", **text_cfg}, projection=False)
+  text_module = clip_modules.CLIP(text_config, dtype=dtype, param_dtype=dtype, attention=attention)
   pipe = pipeline.InpaintPipeline(
       unet=unet, vae=vae, text=clip.CLIPBundle(text_config, text_module, None), scaling_factor=vae.scaling_factor,
       scheduler=schedulers.inpaint_pipeline_scheduler(scheduler_cfg), folder="", sample_size=64)
@@ -81,8 +81,8 @@ def flops_per_batch(pipe, params, logits_fn, batch: int, image: int, steps: int,
     return inpaint._guided_noise(pipe.unet, p, x, 500, ctx, ex, 8.0)  # pylint: disable=protected-access
 
   def encoders(p, images, ids, prompt_ids, negative_ids):
-    z_in, _ = synthesis.draw_inputs(pipe, p["vae"], images, ids, np.uint32(0))
-    return z_in, synthesis.text_context(pipe, p["text"], prompt_ids, negative_ids)
+    z_in, _ = programs.draw_inputs(pipe, p["vae"], images, ids, np.uint32(0))
+    return z_in, programs.text_context(pipe, p["text"], prompt_ids, negative_ids)
 
   pieces = {
       "unet": _lowered_flops(unet_call, params["unet"], z, context, extra),
@@ -104,7 +104,7 @@ def flops_lines(f: dict, batch: int) -> list[str]:
           f"TFLOP per image: {f['per_image'] / 1e12:.2f}"]
 
 
-def memory_lines(program: "synthesis.BatchProgram") -> list[str]:
+def memory_lines(program: "programs.BatchProgram") -> list[str]:
   """compiled.memory_analysis() of each compiled piece of a BatchProgram (after `.compile(...)`)."""
   out = []
   for name in ("start", "sample", "update", "outcome"):
@@ -128,7 +128,7 @@ def compiled_memory(pipe, params, logits_fn, batch: int, image: int, steps: int,
   images, ids, prompt_ids, negative_ids, masked, _ = batch_shapes(pipe, batch, image)
   mesh = parallel.make_mesh(devices=jax.devices()[:1])
   cfg = refinement.RefineConfig(iterations=iterations, decode_chunk=decode_chunk)
-  program = synthesis.BatchProgram(pipe, cfg, steps, logits_fn, mesh, parallel.param_shardings(params, mesh))
+  program = programs.BatchProgram(pipe, cfg, steps, logits_fn, mesh, parallel.param_shardings(params, mesh))
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
   hyper = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
                                  refinement.Hyper.make())

@@ -4,7 +4,7 @@ Reference: `official_synthesis.Official`, the official `generate_near_ood_sample
 diffusers' StableDiffusionInpaintPipeline (that file says what each iteration does). torch runs with
 OMP_WAIT_POLICY=PASSIVE: with the default (spinning) policy its threads burn CPU while waiting, and under
 load from other processes its UNet call ran about 5x slower, which would flatter ours.
-Ours: `synthesize.BatchProgram` (four jitted programs with explicit shardings on a host loop, compiled
+Ours: `programs.BatchProgram` (four jitted programs with explicit shardings on a host loop, compiled
 ahead) called as `synthesize.synthesize` calls it: host tokenization per batch, the masked-image latents computed once,
 outputs fetched to the host; without the image/manifest writing (neither side's file IO is timed).
 
@@ -43,7 +43,7 @@ from absl import app, flags  # noqa: E402
 from synood_jax import parallel  # noqa: E402
 from synood_jax.diffusion import inpaint, pipeline, schedulers  # noqa: E402
 from synood_jax.models import resnet  # noqa: E402
-from synood_jax.synthesis import guidance, refinement, synthesize as synthesis  # noqa: E402
+from synood_jax.synthesis import guidance, programs, refinement, synthesize as synthesis  # noqa: E402
 
 flags.DEFINE_bool("cold", False, "also time a cold process per side (imports, loading, compile, one batch)")
 flags.DEFINE_bool("cold_child", False, "internal: run one batch of ours in this process")
@@ -63,19 +63,20 @@ class Ours:
   def __init__(self, folder: str, resnet_path: str, dtype=jnp.float32, iterations: int = 3,
                hyper: refinement.Hyper | None = None, attention: str = "auto", decode_chunk: int = 0):
     self.pipe, params = pipeline.load_inpaint_pipeline(folder, dtype=dtype, attention=attention)
-    module, rparams = resnet.load_resnet(resnet_path, dtype=dtype)
+    module, rparams = resnet.load(resnet_path, dtype=dtype)
     self.logits_fn, params["classifier"] = guidance.resnet50(module, rparams)
     self.mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    self.params, shardings = synthesis.place_params(params, self.mesh)
+    self.params = parallel.place_params(params, self.mesh)
+    shardings = parallel.shardings_of(self.params)
     self.cfg = refinement.RefineConfig(iterations=iterations, decode_chunk=decode_chunk)
-    self.program = synthesis.BatchProgram(self.pipe, self.cfg, FLAGS.steps, self.logits_fn, self.mesh, shardings)
+    self.program = programs.BatchProgram(self.pipe, self.cfg, FLAGS.steps, self.logits_fn, self.mesh, shardings)
     self.image = None
     self.hyper = hyper or refinement.Hyper.make(FLAGS.step_size, FLAGS.target, FLAGS.batch)
 
   def args(self, sources, prompts, ids, seed: int = 0):
     pipe, image = self.pipe, sources.shape[1]
     if self.image != image:
-      self.masked = synthesis.masked_image_latents(pipe, self.params["vae"], image)
+      self.masked = programs.masked_image_latents(pipe, self.params["vae"], image)
       self.negative_ids = jnp.asarray(pipe.tokenize([""]))
       self.image = image
     prompt_ids = np.asarray(pipe.tokenize(prompts))

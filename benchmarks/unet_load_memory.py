@@ -3,7 +3,7 @@
 Builds diffusers' UNet2DConditionModel from the SD-2-in-painting config (written out in common.py), saves
 it with save_pretrained (one 3.4 GB float32 safetensors file), then loads it in a fresh subprocess per
 loader and reports that process's peak resident memory (ru_maxrss) against the file size:
-  lazy  - `unet.from_pretrained` as it is: each tensor read, converted and placed before the next;
+  lazy  - `unet.load` as it is: each tensor read, converted and placed before the next;
   eager - what the loader did before: the whole state dict read, then converted copies, then device
           copies.
 The baseline (RSS after imports, before loading) is reported apart; the ratio is (peak - baseline) /
@@ -40,7 +40,7 @@ jax.numpy.zeros(1).block_until_ready()
 base = rss()
 t = time.perf_counter()
 if loader == "lazy":
-  module, params = unet.from_pretrained(folder)
+  module, params = unet.load(folder)
 else:
   module = unet.build(checkpoint_io.read_config(folder))
   state, source = checkpoint_io.load_state_dict(folder)

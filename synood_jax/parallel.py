@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
@@ -128,14 +129,23 @@ def shard_params(params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   return jax.device_put(params, param_shardings(params, mesh, rules))
 
 
-def place_params(params: Any, mesh: Mesh) -> Any:
-  """Params already placed on `mesh` (replicated or FSDP-sharded) stay; anything else is replicated."""
-  def place(x):
+def place_params(params: Any, mesh: Mesh, rules=None) -> Any:
+  """Leaves already on `mesh` stay exactly as placed (e.g. sharded by config.mesh.sharding_rules at load:
+  no second copy, no other rules); the others are placed by `rules` (None: replicated)."""
+  shardings = None if rules is None else param_shardings(params, mesh, rules)
+
+  def place(x, s=None):
     sharding = getattr(x, "sharding", None)
     if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
       return x
-    return jax.device_put(x, replicated(mesh))
-  return jax.tree_util.tree_map(place, params)
+    return jax.device_put(x, replicated(mesh) if s is None else s)
+  return jax.tree_util.tree_map(place, params) if shardings is None else jax.tree_util.tree_map(
+      place, params, shardings)
+
+
+def shardings_of(params: Any) -> Any:
+  """The sharding of each (placed) leaf: what a jitted program over these params takes them as."""
+  return jax.tree_util.tree_map(lambda x: x.sharding, params)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -149,6 +159,15 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 
 def batch_size_multiple(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def ceil_div(n: int, d: int) -> int:
+  return -(-n // d)
+
+
+def round_up(n: int, multiple: int) -> int:
+  """n rounded up to a multiple (e.g. of the devices, so every device gets equal rows)."""
+  return ceil_div(n, multiple) * multiple
 
 
 def global_batch(local: Any, mesh: Mesh) -> Any:
@@ -198,7 +217,6 @@ def pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
 def to_host(x: Any) -> Any:
   """Fetch (possibly multi-host sharded) arrays to numpy on every process."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     x = multihost_utils.process_allgather(x, tiled=True)
   return jax.tree_util.tree_map(np.asarray, x)
 

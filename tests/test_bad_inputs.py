@@ -13,7 +13,7 @@ import pytest
 from absl import logging as absl_logging
 from PIL import Image
 
-from synood_jax.data import datasets as data, imagenet, prepare
+from synood_jax.data import datasets as data, imagenet, loader as data_loader, prepare
 from synood_jax.pipeline import stages
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax.synthesis import sources, synthesize as synthesis
@@ -116,7 +116,7 @@ def test_truncated_jpeg_is_skipped_everywhere(tmp_path):
   assert any(path in w and "OSError" in w for w in seen)
   # evaluation: the loader leaves it out and names it
   ds = data.Dataset("x", [data.Record(str(root / "c" / f)) for f in ("small0.JPEG", "big.JPEG")])
-  loader = data.ImageLoader(ds, 2, lambda im: np.zeros((4, 4, 3), np.float32), num_threads=1)
+  loader = data_loader.ImageLoader(ds, 2, lambda im: np.zeros((4, 4, 3), np.float32), num_threads=1)
   batches = list(loader)
   assert [f.path for f in loader.failures] == [path] and list(batches[0]["index"]) == [0]
 

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from synood_jax.models import checkpoint_io, zero_shot
 from synood_jax.models.checkpoint_io import CheckpointError
-from synood_jax.models import clip, clip_preprocess
+from synood_jax.models import clip, clip_modules, clip_preprocess
 from synood_jax.demo import tiny_clip as tiny
 
 transformers = pytest.importorskip("transformers")
@@ -76,14 +76,14 @@ def reference(request, tmp_path_factory):
 
 def test_eos_position_rules():
   ids = np.array([[5, EOS, 1, EOS + 2, EOS], [EOS + 1, 2, 2, EOS, 0]])
-  assert clip.eos_position(ids, EOS).tolist() == [1, 3]  # first end-of-text
-  assert clip.eos_position(ids, 2).tolist() == [3, 0]  # legacy: argmax of the ids
+  assert clip_modules.eos_position(ids, EOS).tolist() == [1, 3]  # first end-of-text
+  assert clip_modules.eos_position(ids, 2).tolist() == [3, 0]  # legacy: argmax of the ids
 
 
 def test_features_match_transformers(reference):
   name, folder, _, (images, ids), (t_img, t_txt) = reference
   bundle = clip.from_pretrained(folder)
-  pooled = clip.eos_position(ids, bundle.config.text.eos_token_id)
+  pooled = clip_modules.eos_position(ids, bundle.config.text.eos_token_id)
   assert (np.asarray(pooled) != np.argmax(ids, -1)).any() or name == "gelu_legacy_eos"
   img, txt = np.asarray(bundle.image_features(images)), np.asarray(bundle.text_features(ids))
   print(f"{name}: image max|diff| {np.abs(img - t_img).max():.2e}, text {np.abs(txt - t_txt).max():.2e}")
@@ -337,7 +337,7 @@ def jax_leaves(tree):
 
 
 def test_zero_shot_equals_clip_model_logits(good_folder):
-  """clip.zero_shot from PIL / uint8 images against transformers' CLIPModel logits_per_image (one
+  """zero_shot.zero_shot from PIL / uint8 images against transformers' CLIPModel logits_per_image (one
   template), the template ensemble, preprocessed input, a mesh and a bundle without logit_scale."""
   from synood_jax import parallel
   model = transformers.CLIPModel.from_pretrained(good_folder).eval()
@@ -351,7 +351,7 @@ def test_zero_shot_equals_clip_model_logits(good_folder):
   def ids(texts):
     return torch.tensor(tok(texts, padding="max_length", max_length=77)["input_ids"])
 
-  got = clip.zero_shot(bundle, ims, classes)
+  got = zero_shot.zero_shot(bundle, ims, classes)
   with torch.no_grad():
     out = model(input_ids=ids([templates[0].format(c) for c in classes]), pixel_values=pixels)
   want = out.logits_per_image.numpy()
@@ -368,13 +368,13 @@ def test_zero_shot_equals_clip_model_logits(good_folder):
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   t_c = unit(unit(txt).reshape(3, 2, -1).mean(1))
   ensemble = model.logit_scale.exp().item() * unit(img) @ t_c.T
-  both = clip.zero_shot(bundle, ims, classes, templates)
+  both = zero_shot.zero_shot(bundle, ims, classes, templates)
   np.testing.assert_allclose(both.logits, ensemble, atol=1e-5 * np.abs(ensemble).max(), rtol=0)
   pre = clip_preprocess.preprocess(ims, clip_preprocess.load_config(good_folder))
-  np.testing.assert_allclose(clip.zero_shot(bundle, pre, classes, templates, preprocessed=True).logits,
+  np.testing.assert_allclose(zero_shot.zero_shot(bundle, pre, classes, templates, preprocessed=True).logits,
                              both.logits, atol=1e-6, rtol=0)
-  on_mesh = clip.zero_shot(bundle, ims, classes, templates, mesh=parallel.make_mesh())
+  on_mesh = zero_shot.zero_shot(bundle, ims, classes, templates, mesh=parallel.make_mesh())
   np.testing.assert_allclose(on_mesh.logits, both.logits, atol=1e-5, rtol=0)
   no_scale = {k: v for k, v in bundle.params.items() if k != "logit_scale"}
   with pytest.raises(ValueError, match="no logit_scale"):
-    clip.zero_shot(bundle, ims, classes, params=no_scale)
+    zero_shot.zero_shot(bundle, ims, classes, params=no_scale)

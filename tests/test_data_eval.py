@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synood_jax.data import datasets as data, imagenet as imagenet_classes, prepare
-from synood_jax.ood import evaluation, report
+from synood_jax.data import datasets as data, imagenet as imagenet_classes, loader as data_loader, prepare
+from synood_jax.models import zero_shot
+from synood_jax.ood import evaluation, features, report, sets as eval_sets
 
 
 def _noise_png(path, rng, color, size=40):
@@ -63,7 +64,7 @@ def test_corrupt_image_reported_by_path(tmp_path, caplog):
     f.truncate(60)
   ds = data.image_folder(str(tmp_path / "ood"))
   assert ds.classes is None and all(r.label == -1 for r in ds.records) and len(ds) == 5
-  loader = data.ImageLoader(ds, 2, lambda im: np.asarray(im.convert("RGB"), np.float32) / 255,
+  loader = data_loader.ImageLoader(ds, 2, lambda im: np.asarray(im.convert("RGB"), np.float32) / 255,
                             num_threads=2)
   with caplog.at_level(logging.WARNING):
     batches = list(loader)
@@ -75,7 +76,7 @@ def test_corrupt_image_reported_by_path(tmp_path, caplog):
   bad = sorted(f.path for f in loader.failures)
   assert bad == [str(tmp_path / "ood" / "2.png"), str(tmp_path / "ood" / "4.png")]
   assert str(tmp_path / "ood" / "2.png") in caplog.text and "2 of 5 images" in caplog.text
-  assert sorted(f.path for f in data.check_readable(ds, decode=True)) == bad
+  assert sorted(f.path for f in data_loader.check_readable(ds, decode=True)) == bad
 
 
 def test_prepare_counts_and_missing(tmp_path):
@@ -249,11 +250,11 @@ def test_each_method_prompts_as_its_paper(eval_run):
   bundle = clip.from_pretrained(config.models.clip_path)
   for method, prompt in (("mcm", "a photo of a {}"), ("neglabel", "the nice {}")):
     prompts = [prompt.format(c) for c in ("red", "green", "blue")]
-    want = evaluation.encode_prompts(bundle, bundle.params, prompts, 8)
+    want = zero_shot.encode_prompts(bundle, bundle.params, prompts, 8)
     np.testing.assert_allclose(id_text[method], want, atol=1e-6, err_msg=method)
   assert results["header"]["templates"] == {"mcm": ["a photo of a {}"], "neglabel": ["the nice {}"]}
   prompts = [line for line in (root / "neg.txt").read_text().splitlines()]
-  np.testing.assert_allclose(neg_text, evaluation.encode_prompts(bundle, bundle.params, prompts, 8), atol=1e-6)
+  np.testing.assert_allclose(neg_text, zero_shot.encode_prompts(bundle, bundle.params, prompts, 8), atol=1e-6)
 
 
 def test_evaluate_report_files(eval_run):
@@ -296,7 +297,7 @@ def test_evaluate_api_with_explicit_arguments(eval_run, tmp_path):
   np.testing.assert_allclose(saved["rotated_max_cos/ood_b"], (f @ rot).max(1), rtol=1e-5)
   assert "| rotated_max_cos |" in open(tmp_path / "a" / "results.md").read()
   # Precomputed features and ID text: no model at all.
-  feats = {k: evaluation.load_cached(v) for k, v in results["cache"].items()}
+  feats = {k: features.load_cached(v) for k, v in results["cache"].items()}
   id_text, _ = _id_texts(workdir)
   third = evaluation.evaluate(str(tmp_path / "b"), feats, "colors", negatives=negatives, id_text=id_text,
                               options=dataclasses.replace(options, plots=False))
@@ -305,7 +306,7 @@ def test_evaluate_api_with_explicit_arguments(eval_run, tmp_path):
 
 def test_evaluate_errors_name_method_and_set(eval_run, tmp_path):
   root, config, workdir, results = eval_run
-  feats = {k: evaluation.load_cached(v) for k, v in results["cache"].items()}
+  feats = {k: features.load_cached(v) for k, v in results["cache"].items()}
   id_text = _id_texts(workdir)[0]
   bad = feats["ood_b"].features.copy()
   bad[2] = np.nan
@@ -378,7 +379,7 @@ def test_tfds_array_record_source(tmp_path):
   src = builder.as_data_source(split="test")
   assert [r.label for r in ds.records] == [int(src[i]["label"]) for i in order]
   assert not data.missing_files(ds)
-  loader = data.ImageLoader(ds, 2, lambda im: np.asarray(im, np.float32), num_threads=2)
+  loader = data_loader.ImageLoader(ds, 2, lambda im: np.asarray(im, np.float32), num_threads=2)
   got = np.concatenate([b["image"] for b in loader])
   np.testing.assert_array_equal(got, np.stack([src[i]["image"] for i in order]).astype(np.float32))
   assert loader.failures == []
@@ -394,9 +395,9 @@ def test_partial_sets_are_named_as_such(tmp_path):
           "near": data.Dataset("near", records(3), expected=3),              # its manifest says 3
           "mine": data.Dataset("mine", records(4))}                          # unknown: never partial
   found = {"imagenet_val": 50, "sun": 7, "near": 3, "mine": 4}                # one SUN image unreadable
-  feats = {k: evaluation.Features(np.zeros((n, 2), np.float32), np.zeros(n), np.arange(n), [])
+  feats = {k: features.Features(np.zeros((n, 2), np.float32), np.zeros(n), np.arange(n), [])
            for k, n in found.items()}
-  counts = evaluation.set_counts(sets, feats)
+  counts = eval_sets.set_counts(sets, feats)
   assert counts == {"imagenet_val": {"found": 50, "listed": 50, "expected": 50_000},
                     "sun": {"found": 7, "listed": 8, "expected": 10_000},
                     "near": {"found": 3, "listed": 3, "expected": 3},

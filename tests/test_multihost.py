@@ -321,12 +321,12 @@ def test_evaluation_features_each_process_reads_its_slice(reference, tmp_path):
         with runtime.fail_fast():
           from synood_jax.data import datasets as data
           from synood_jax.models import clip
-          from synood_jax.ood import evaluation
+          from synood_jax.ood import features
           bundle = clip.from_pretrained("{reference}/models/clip")
           mesh = parallel.make_mesh()
           ds = data.image_folder("{images}", "set", flat=True)
-          preprocess = evaluation.make_preprocess(bundle.folder, bundle.config.vision.image_size)[0]
-          evaluation.extract_features(bundle, parallel.shard_params(bundle.params, mesh), ds, preprocess,
+          preprocess = features.make_preprocess(bundle.folder, bundle.config.vision.image_size)[0]
+          features.extract_features(bundle, parallel.shard_params(bundle.params, mesh), ds, preprocess,
                                       batch_size=4, mesh=mesh, cache_path=_OUT.value, num_threads=2)
       app.run(main)
   """))

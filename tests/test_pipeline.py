@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synood_jax.ood import evaluation
+from synood_jax.models import zero_shot
 from synood_jax.pipeline import stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,16 +29,16 @@ def demo_config():
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-  """(workdir, stage infos, every prompt list the run encoded with `evaluation.encode_prompts`)."""
+  """(workdir, stage infos, every prompt list the run encoded with `zero_shot.encode_prompts`)."""
   workdir = str(tmp_path_factory.mktemp("demo"))
-  encoded, encode = [], evaluation.encode_prompts
+  encoded, encode = [], zero_shot.encode_prompts
 
   def counting(bundle, params, prompts, *args, **kwargs):
     encoded.append(list(prompts))
     return encode(bundle, params, prompts, *args, **kwargs)
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(evaluation, "encode_prompts", counting)
+    patch.setattr(zero_shot, "encode_prompts", counting)
     infos = stages.run(demo_config(), workdir)
   return workdir, infos, encoded
 

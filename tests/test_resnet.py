@@ -16,7 +16,7 @@ from torch import nn
 
 from synood_jax.models.checkpoint_io import CheckpointError
 from synood_jax.models import resnet
-from torch_reference import TorchResNet, random_resnet, torch_preprocess
+from synood_jax.testing.torch_reference import TorchResNet, random_resnet, torch_preprocess
 
 # Known torchvision resnet50 keys (from torchvision's published state dict), spot-checked below.
 TORCHVISION_KEYS = ["conv1.weight", "bn1.running_var", "bn1.num_batches_tracked", "layer1.0.downsample.0.weight",
@@ -58,7 +58,7 @@ def test_logits_match_torch(case, ext):
   if ext == "folder" and case["name"] != "tiny":
     pytest.skip("one model is enough")
   path = case["folder"] / ("hf" if ext == "folder" else f"resnet.{ext}")
-  module, params = resnet.load_resnet(str(path), layers=case["layers"], width=case["width"],
+  module, params = resnet.load(str(path), layers=case["layers"], width=case["width"],
                                       num_classes=case["classes"])
   x = jnp.asarray(case["x"].numpy().transpose(0, 2, 3, 1))
   out = np.asarray(jax.jit(module.apply)({"params": params}, x))
@@ -73,7 +73,7 @@ def test_logits_match_torch(case, ext):
 def test_bfloat16_compute(case):
   if case["name"] != "tiny":
     pytest.skip("one model is enough")
-  module, params = resnet.load_resnet(str(case["folder"] / "resnet.safetensors"), layers=case["layers"],
+  module, params = resnet.load(str(case["folder"] / "resnet.safetensors"), layers=case["layers"],
                                       width=case["width"], num_classes=case["classes"], dtype=jnp.bfloat16)
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
   out = np.asarray(module.apply({"params": params}, jnp.asarray(case["x"].numpy().transpose(0, 2, 3, 1))))
@@ -94,7 +94,7 @@ def test_score_gradient_matches_torch(case):
   s = (g.mean(-1) - torch.logsumexp(g, -1)).sum()
   s.backward()
   ref_s, ref_grad = s.item(), xt.grad.numpy().transpose(0, 2, 3, 1)
-  module, params = resnet.load_resnet(str(case["folder"] / "resnet.pth"), layers=case["layers"],
+  module, params = resnet.load(str(case["folder"] / "resnet.pth"), layers=case["layers"],
                                       width=case["width"], num_classes=case["classes"])
 
   def score(x):
@@ -116,7 +116,7 @@ def test_missing_key_names_file_and_key(case, tmp_path):
   path = tmp_path / "missing.pth"
   torch.save(sd, path)
   with pytest.raises(CheckpointError, match=r"missing\.pth.*layer2\.0\.downsample\.1\.running_var"):
-    resnet.load_resnet(str(path), layers=case["layers"], width=case["width"], num_classes=case["classes"])
+    resnet.load(str(path), layers=case["layers"], width=case["width"], num_classes=case["classes"])
 
 
 def test_shape_mismatch_names_file_and_key(case, tmp_path):
@@ -127,11 +127,11 @@ def test_shape_mismatch_names_file_and_key(case, tmp_path):
   save_file(sd, str(path))
   # Same file, wrong class count: fc is (10, 256) / (10,) but the model asks for 1000 classes.
   with pytest.raises(CheckpointError, match=r"bad\.safetensors.*'fc\.(weight|bias)'.*\(10(, 256)?,?\)"):
-    resnet.load_resnet(str(path), layers=case["layers"], width=case["width"], num_classes=1000)
+    resnet.load(str(path), layers=case["layers"], width=case["width"], num_classes=1000)
   sd["layer1.0.conv2.weight"] = torch.zeros(8, 8, 5, 5)
   save_file(sd, str(path))
   with pytest.raises(CheckpointError, match=r"bad\.safetensors.*'layer1\.0\.conv2\.weight'"):
-    resnet.load_resnet(str(path), layers=case["layers"], width=case["width"], num_classes=case["classes"])
+    resnet.load(str(path), layers=case["layers"], width=case["width"], num_classes=case["classes"])
 
 
 def test_unexpected_key_and_missing_file(tmp_path, case):
@@ -142,9 +142,9 @@ def test_unexpected_key_and_missing_file(tmp_path, case):
   path = tmp_path / "extra.pth"
   torch.save(sd, path)
   with pytest.raises(CheckpointError, match=r"extra\.pth.*layer9\.0\.conv1\.weight"):
-    resnet.load_resnet(str(path), layers=case["layers"], width=case["width"], num_classes=case["classes"])
+    resnet.load(str(path), layers=case["layers"], width=case["width"], num_classes=case["classes"])
   with pytest.raises(CheckpointError, match="nope.pth"):
-    resnet.load_resnet(str(tmp_path / "nope.pth"))
+    resnet.load(str(tmp_path / "nope.pth"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,3 +208,37 @@ def test_preprocess_helpers_and_gradient():
   x = jnp.full((1, 64, 64, 3), 0.5)
   g = jax.grad(lambda im: resnet.classifier_preprocess(im, resize=40, crop=32).sum())(x)
   assert g.shape == x.shape and float(jnp.abs(g).sum()) > 0
+
+
+def test_config_save_load_round_trip(case, tmp_path):
+  """The models' common face: `config` reads (layers, width, classes) off the state dict, `save` writes
+  a torchvision .safetensors that `load` and torch's `load_state_dict` read back unchanged."""
+  if case["name"] != "tiny":
+    pytest.skip("one model is enough")
+  path = str(case["folder"] / "resnet.pth")
+  cfg = resnet.config(path)
+  assert cfg == {"layers": case["layers"], "width": case["width"], "num_classes": case["classes"]}
+  module, params = resnet.load(path, **cfg)
+  out = resnet.save(str(tmp_path / "again.safetensors"), cfg, params)
+  again = resnet.load(out, **resnet.config(out))[1]
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(again)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  model = random_resnet(case["layers"], case["width"], case["classes"], seed=1)
+  from safetensors.torch import load_file
+  model.load_state_dict(load_file(out), strict=False)  # num_batches_tracked is not saved
+  with torch.no_grad():
+    np.testing.assert_allclose(model(case["x"]).numpy(), case["ref"], rtol=1e-5, atol=1e-5)
+  with pytest.raises(CheckpointError, match="do not match"):
+    resnet.save(str(tmp_path / "bad.safetensors"), {**cfg, "num_classes": 3}, params)
+
+
+def test_every_model_module_has_the_same_face():
+  """config(folder), load(folder, dtype, attention) -> (module, params), save(folder, config, params)."""
+  import inspect
+  from synood_jax.models import clip, unet, vae
+  for m in (clip, unet, vae, resnet):
+    assert list(inspect.signature(m.load).parameters)[:3] == ["folder" if m is not resnet else "path", "dtype",
+                                                               "attention"], m.__name__
+    assert list(inspect.signature(m.save).parameters)[:3] in (["folder", "config", "params"],
+                                                              ["path", "config", "params"]), m.__name__
+    assert list(inspect.signature(m.config).parameters)[:1] in (["folder"], ["path"]), m.__name__

@@ -10,7 +10,7 @@ import pytest
 from synood_jax import parallel
 from synood_jax.diffusion import inpaint
 from synood_jax.jsonl import JsonlError, read_jsonl
-from synood_jax.synthesis import synthesize
+from synood_jax.synthesis import manifest
 from synood_jax.train import loop
 
 
@@ -32,7 +32,7 @@ def test_jsonl_forgives_only_a_torn_last_line(tmp_path):
   with pytest.raises(JsonlError, match=r"d\.jsonl: line 2 is not JSON"):
     read_jsonl(bad)
   with pytest.raises(JsonlError, match=r"manifest\.jsonl: line 2 lacks the key\(s\) \['output'\]"):
-    synthesize.read_manifest(_write(tmp_path / "manifest.jsonl", good.replace(', "output": "c/1_ood.png"', "")))
+    manifest.read_records(_write(tmp_path / "manifest.jsonl", good.replace(', "output": "c/1_ood.png"', "")))
 
 
 def test_metrics_rows_past_the_restored_step_are_dropped_and_damage_raises(tmp_path):

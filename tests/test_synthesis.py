@@ -21,13 +21,13 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from synood_jax.demo import images as demo_data
-from synood_jax.synthesis import guidance, refinement, sources, synthesize as synthesis
+from synood_jax.synthesis import guidance, procedure, programs, refinement, sources, synthesize as synthesis
 from synood_jax import parallel
 from synood_jax.models import zero_shot  # noqa: E402
 from synood_jax.diffusion import inpaint, pipeline  # noqa: E402
 from synood_jax.models import clip, resnet
 from synood_jax.demo import tiny_clip as tiny, tiny_sd  # noqa: E402
-from torch_reference import official_loop, random_resnet, torch_preprocess  # noqa: E402
+from synood_jax.testing.torch_reference import official_loop, random_resnet, torch_preprocess  # noqa: E402
 
 IMAGE, LATENT = 32, 16
 CLASSNAMES = ["stripes", "rings"]
@@ -113,7 +113,7 @@ def tiny_resnet(world):
   model = random_resnet(RESNET["layers"], RESNET["width"], RESNET["classes"], seed=0)
   path = str(world["root"] / "resnet.pth")
   torch.save(model.state_dict(), path)
-  module, params = resnet.load_resnet(path, layers=RESNET["layers"], width=RESNET["width"],
+  module, params = resnet.load(path, layers=RESNET["layers"], width=RESNET["width"],
                                       num_classes=RESNET["classes"])
   return model, module, params
 
@@ -261,15 +261,15 @@ def test_batch_composition_does_not_change_an_image(runs, world):
 # 5. Skip (dL/du) vs exact (dL/du pulled back through the remat'd sampler) updates.
 
 def _batch_args(world, recs, cfg, mesh):
-  """The arguments of `synthesize.BatchProgram` for these sources, built as `synthesize` builds them
+  """The arguments of `programs.BatchProgram` for these sources, built as `synthesize` builds them
   (fresh source images each time: the program donates them)."""
   pipe = world["pipe"]
-  params, _ = synthesis.place_params(world["params"], mesh)
+  params = parallel.place_params(world["params"], mesh)
   images = np.stack([synthesis.load_source_image(os.path.join(world["src"], r["path"]), IMAGE) for r in recs])
   ids = np.array([synthesis.source_id(r["path"]) for r in recs], np.int32)
   prompt_ids = np.asarray(pipe.tokenize([world["prompts"][r["path"]] for r in recs]))
   return (params, *parallel.global_batch((images, ids, prompt_ids), mesh), jnp.asarray(pipe.tokenize([""])),
-          synthesis.masked_image_latents(pipe, params["vae"], IMAGE),
+          programs.masked_image_latents(pipe, params["vae"], IMAGE),
           np.int32(inpaint.start_index(pipe.scheduler, cfg.steps, cfg.strength)),
           np.float32(cfg.guidance_scale),
           refinement.Hyper.make(cfg.step_size, cfg.target, cfg.reference_batch), np.uint32(cfg.seed))
@@ -291,7 +291,7 @@ def test_exact_vs_skip_gradient(world, runs):
   for mode in refinement.GRAD_MODES:
     rcfg = refinement.RefineConfig(iterations=cfg.iterations, loss=cfg.loss, grad_mode=mode)
     args = _batch_args(world, recs, cfg, mesh)
-    fn = synthesis.BatchProgram(pipe, rcfg, cfg.steps, world["logits_fn"], mesh,
+    fn = programs.BatchProgram(pipe, rcfg, cfg.steps, world["logits_fn"], mesh,
                                  parallel.param_shardings(world["params"], mesh))
     _, scores, losses, eps, _ = fn(*args)
     out[mode] = dict(update=(eps0 - np.asarray(eps)) / cfg.step_size, scores=np.asarray(scores),
@@ -311,8 +311,8 @@ def test_exact_vs_skip_gradient(world, runs):
 
   @jax.jit
   def loss_fn(eps, params_, images, ids, prompt_ids, negative_ids, masked, first, guidance, hyper, seed):
-    z_in, _ = synthesis.draw_inputs(pipe, params_["vae"], images, ids, seed)
-    _, _, losses, _, _ = synthesis.refine_batch(pipe, one, cfg.steps, world["logits_fn"], params_, z_in, eps,
+    z_in, _ = programs.draw_inputs(pipe, params_["vae"], images, ids, seed)
+    _, _, losses, _, _ = programs.refine_batch(pipe, one, cfg.steps, world["logits_fn"], params_, z_in, eps,
                                                 prompt_ids, negative_ids, masked, first, guidance, hyper)
     return jnp.sum(losses)
 
@@ -353,9 +353,9 @@ def test_batch_program_equals_one_program_and_reuses_its_executables(world):
 
   rcfg = refinement.RefineConfig(iterations=3)
   shardings = parallel.param_shardings(world["params"], mesh)
-  whole = jax.jit(functools.partial(synthesis.synthesize_batch, pipe, rcfg, cfg.steps, counted))
+  whole = jax.jit(functools.partial(programs.synthesize_batch, pipe, rcfg, cfg.steps, counted))
   expected = [np.asarray(x) for x in whole(*_batch_args(world, recs, cfg, mesh))]
-  program = synthesis.BatchProgram(pipe, rcfg, cfg.steps, counted, mesh, shardings)
+  program = programs.BatchProgram(pipe, rcfg, cfg.steps, counted, mesh, shardings)
   program = program.compile(*_batch_args(world, recs, cfg, mesh))
   assert set(program.compile_seconds) == {"lower_s", "xla_s"}
   got = [np.asarray(x) for x in program(*_batch_args(world, recs, cfg, mesh))]
@@ -395,7 +395,7 @@ def official_world(world):
   model = random_resnet(RESNET["layers"], RESNET["width"], OFFICIAL["classes"], seed=1)
   path = str(world["root"] / "resnet1000.pth")
   torch.save(model.state_dict(), path)
-  module, rparams = resnet.load_resnet(path, layers=RESNET["layers"], width=RESNET["width"],
+  module, rparams = resnet.load(path, layers=RESNET["layers"], width=RESNET["width"],
                                        num_classes=OFFICIAL["classes"])
   recs = world["recs"][:b]
   sources_nhwc = np.stack([synthesis.load_source_image(os.path.join(world["src"], r["path"]), IMAGE) for r in recs])
@@ -404,7 +404,7 @@ def official_world(world):
     z_in = pipe.vae.encode(_t(sources_nhwc)).latent_dist.sample(gen) * pipe.vae.config.scaling_factor
     eps = torch.randn(z_in.shape, generator=gen)
   ours_pipe, ours_params = world["pipe"], world["params"]
-  masked = np.asarray(synthesis.masked_image_latents(ours_pipe, ours_params["vae"], IMAGE))
+  masked = np.asarray(programs.masked_image_latents(ours_pipe, ours_params["vae"], IMAGE))
   masked = np.broadcast_to(masked, (b,) + masked.shape[1:]).copy()
   prompts = [world["prompts"][r["path"]] for r in recs]
   logits_fn, _ = guidance.resnet50(module, rparams, resize=OFFICIAL["resize"], crop=OFFICIAL["crop"])
@@ -472,7 +472,7 @@ def official_vs_ours(world, ow, kind):
 
 @functools.lru_cache(maxsize=None)
 def _refine_fn(pipe, cfg, logits_fn):
-  return jax.jit(functools.partial(synthesis.refine_batch, pipe, cfg, 20, logits_fn))
+  return jax.jit(functools.partial(programs.refine_batch, pipe, cfg, 20, logits_fn))
 
 
 def format_rows(kind, rows, free, free_ref) -> str:
@@ -566,18 +566,82 @@ def test_jpeg_outputs_and_another_procedure_is_refused(world, runs):
       assert f.read() == buf.getvalue(), m["output"]
   with open(os.path.join(out_dir, "procedure.json")) as f:
     recorded = json.load(f)
-  assert recorded["version"] == synthesis.PROCEDURE_VERSION and recorded["config"]["image_format"] == "jpeg"
+  assert recorded["version"] == procedure.PROCEDURE_VERSION and recorded["config"]["image_format"] == "jpeg"
   assert run(_config(image_format="jpeg")) == made  # same procedure: resumed (nothing left to do)
-  with pytest.raises(synthesis.StaleSynthesisError, match=r"jpeg.*config.synthesis.step_size: 55.0 -> 10.0"):
+  with pytest.raises(procedure.StaleSynthesisError, match=r"jpeg.*config.synthesis.step_size: 55.0 -> 10.0"):
     run(_config(image_format="jpeg", step_size=10.0))
   old = str(world["root"] / "old_version")
   shutil.copytree(out_dir, old)
   os.remove(os.path.join(old, "procedure.json"))
-  with pytest.raises(synthesis.StaleSynthesisError, match=r"old_version: manifest.jsonl lists images but there is "
+  with pytest.raises(procedure.StaleSynthesisError, match=r"old_version: manifest.jsonl lists images but there is "
                                                           r"no procedure.json"):
     run(_config(image_format="jpeg"), old)
   recorded["version"] = 1
   with open(os.path.join(old, "procedure.json"), "w") as f:
     json.dump(recorded, f)
-  with pytest.raises(synthesis.StaleSynthesisError, match=rf"version: 1 -> {synthesis.PROCEDURE_VERSION}"):
+  with pytest.raises(procedure.StaleSynthesisError, match=rf"version: 1 -> {procedure.PROCEDURE_VERSION}"):
     run(_config(image_format="jpeg"), old)
+
+
+# ---------------------------------------------------------------------------------------------
+# The settings and the params the programs take (issue 20's two bugs).
+
+class _SpyProgram:
+  """Stands in for `programs.BatchProgram` in `synthesize`: records what the programs would be built and
+  called with, and returns a plausible outcome (distinct textured images, scores at the target) at once."""
+  seen = {}
+
+  def __init__(self, pipe, refine_cfg, steps, logits_fn, mesh, param_shardings):
+    self.k = refine_cfg.iterations
+    self.seen.update(refine=refine_cfg, shardings=param_shardings)
+
+  def __call__(self, params, images, ids, prompt_ids, negative_ids, masked, first_index, guidance_scale, hyper,
+               seed):
+    self.seen.update(params=params, hyper=hyper)
+    b = images.shape[0]
+    pixels = np.random.default_rng(0).uniform(0, 1, (b, IMAGE, IMAGE, 3)).astype(np.float32)
+    scores = np.full((self.k, b), TARGET, np.float32)
+    return pixels, scores, np.zeros((self.k, b), np.float32), None, np.ones((b,), bool)
+
+
+def test_custom_sharding_rules_reach_the_programs_without_a_second_copy(world, tmp_path, monkeypatch):
+  """Params sharded by custom rules on a (data 2, fsdp 4) mesh of 8 CPU devices: the programs are built
+  with exactly those shardings and called with the very same arrays. Before: `synthesize.place_params`
+  recomputed shardings by the default rules and device_put a second copy of every leaf they moved."""
+  mesh = parallel.make_mesh(data=2, fsdp=4, devices=jax.devices()[:8])
+  rules = ((r"unet/.*kernel", "replicate"), (r"vae/.*", "replicate"), (r".*", "fsdp"))
+  given = parallel.shard_params(world["params"], mesh, rules)
+  assert parallel.shardings_of(given) != parallel.param_shardings(given, mesh)  # the rules do differ
+  monkeypatch.setattr(programs, "BatchProgram", _SpyProgram)
+  recs = world["recs"][:BATCH]
+  synthesis.synthesize(_config(), str(tmp_path / "out"), world["pipe"], given, world["logits_fn"], world["src"],
+                       recs, [world["prompts"][r["path"]] for r in recs], mesh)
+  seen = _SpyProgram.seen
+  assert seen["shardings"] == parallel.shardings_of(given)
+  used, mine = jax.tree_util.tree_leaves(seen["params"]), jax.tree_util.tree_leaves(given)
+  assert len(used) == len(mine) and all(a is b for a, b in zip(used, mine))
+
+
+def test_a_partial_config_gets_the_papers_procedure(world, tmp_path, monkeypatch):
+  """config.synthesis without image_format and reference_batch: the paper's values (JPEG, batch 2, from
+  `config.base_config()`), recorded in procedure.json. Before: PNG and reference_batch 1 (fallbacks of
+  synthesize.py's own)."""
+  from synood_jax import config as config_lib
+  paper = config_lib.base_config().synthesis
+  partial = _config()
+  del partial["image_format"], partial["reference_batch"]
+  settings = synthesis.Settings.from_config(partial)
+  assert (settings.image_format, settings.reference_batch) == (paper.image_format, paper.reference_batch)
+  assert (settings.image_format, settings.reference_batch) == ("jpeg", 2)
+  monkeypatch.setattr(programs, "BatchProgram", _SpyProgram)
+  recs = world["recs"][:BATCH]
+  out = str(tmp_path / "out")
+  made = synthesis.synthesize(partial, out, world["pipe"], world["params"], world["logits_fn"], world["src"], recs,
+                              [world["prompts"][r["path"]] for r in recs], parallel.make_mesh(devices=jax.devices()[:1]))
+  assert made and all(m["output"].endswith("_ood.JPEG") for m in made)
+  assert float(_SpyProgram.seen["hyper"].reference_batch) == 2.0
+  recorded = json.loads(open(os.path.join(out, "procedure.json")).read())["config"]
+  assert (recorded["image_format"], recorded["reference_batch"], recorded["jpeg_quality"]) == ("jpeg", 2, 75)
+  bad = _config(image_format="gif")
+  with pytest.raises(ValueError, match="image_format: 'gif'"):
+    synthesis.synthesize(bad, out, world["pipe"], world["params"], world["logits_fn"], world["src"], recs, [], None)

@@ -220,7 +220,7 @@ def test_broken_files_name_file_and_key(tmp_path):
 
 
 def test_loading_imports_no_torch(tmp_path):
-  from torch_reference import random_resnet  # noqa: PLC0415  (tests/ is on the path under pytest)
+  from synood_jax.testing.torch_reference import random_resnet  # noqa: PLC0415  (imports torch)
   torch.save(random_resnet((1, 1, 1, 1), 8, 10, seed=0).state_dict(), tmp_path / "resnet.pth")
   os.makedirs(tmp_path / "hf")
   torch.save(_random(4), tmp_path / "hf" / "pytorch_model.bin")
@@ -228,7 +228,7 @@ def test_loading_imports_no_torch(tmp_path):
           "from synood_jax.models import checkpoint_io, resnet\n"
           f"state, _ = checkpoint_io.load_state_dict({str(tmp_path / 'hf')!r})\n"
           "total = sum(float(state[k].astype('float64').sum()) for k in state)\n"
-          f"module, params = resnet.load_resnet({str(tmp_path / 'resnet.pth')!r}, layers=(1, 1, 1, 1), width=8,"
+          f"module, params = resnet.load({str(tmp_path / 'resnet.pth')!r}, layers=(1, 1, 1, 1), width=8,"
           " num_classes=10)\n"
           "print(len(state), len(params), 'torch' in sys.modules)\n")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},

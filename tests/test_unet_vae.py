@@ -61,7 +61,7 @@ def _unet_case(tmp_path_factory, name, config, hw, timesteps, seed):
   torch.manual_seed(seed)
   model = _perturbed(diffusers.UNet2DConditionModel(**_public(config)), seed)
   model.save_pretrained(folder)
-  module, params = unet.from_pretrained(folder)
+  module, params = unet.load(folder)
   rs = np.random.RandomState(seed)
   x = rs.randn(2, hw, hw, config["in_channels"]).astype(np.float32)
   ctx = rs.randn(2, 7, config["cross_attention_dim"]).astype(np.float32)
@@ -94,12 +94,12 @@ def test_unet_matches_diffusers(case, request):
 def test_unet_bin_folder_loads_same_params(unet_a, tmp_path):
   unet_a["torch"].save_pretrained(str(tmp_path), safe_serialization=False)
   assert not any(f.endswith(".safetensors") for f in os.listdir(tmp_path))
-  _, params = unet.from_pretrained(str(tmp_path))
+  _, params = unet.load(str(tmp_path))
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, unet_a["params"])
 
 
 def test_unet_save_pretrained_round_trips_into_diffusers(unet_a, tmp_path):
-  unet.save_pretrained(unet.TINY_UNET_CONFIG, unet_a["params"], str(tmp_path))
+  unet.save(str(tmp_path), unet.TINY_UNET_CONFIG, unet_a["params"])
   back = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path))
   want = unet_a["torch"].state_dict()
   got = back.state_dict()
@@ -113,7 +113,7 @@ def test_unet_init_params_loads_in_diffusers_and_agrees(unet_a, tmp_path):
   params = unet.init_params(unet.TINY_UNET_CONFIG, jax.random.PRNGKey(3))
   rs = np.random.RandomState(4)  # biases start at 0: perturb them too
   params = jax.tree_util.tree_map(lambda p: p + 0.05 * rs.randn(*p.shape).astype(np.float32), params)
-  unet.save_pretrained(unet.TINY_UNET_CONFIG, params, str(tmp_path))
+  unet.save(str(tmp_path), unet.TINY_UNET_CONFIG, params)
   model = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path)).eval()
   a = unet_a
   with torch.no_grad():
@@ -134,11 +134,11 @@ def test_unet_unsupported_config_names_key(key, value, tmp_path):
     unet.build(config)
   checkpoint_io.write_config(str(tmp_path), config)
   with pytest.raises(ValueError, match="config.json.*" + key):
-    unet.from_pretrained(str(tmp_path))
+    unet.load(str(tmp_path))
 
 
 def test_unet_bfloat16_close_to_float32(unet_a):
-  module, params = unet.from_pretrained(unet_a["folder"], dtype=jnp.bfloat16)
+  module, params = unet.load(unet_a["folder"], dtype=jnp.bfloat16)
   assert all(p.dtype == jnp.bfloat16 for p in jax.tree_util.tree_leaves(params))
   out = jax.jit(module.apply)({"params": params}, unet_a["x"], unet_a["t"], unet_a["ctx"])
   assert out.dtype == jnp.bfloat16
@@ -161,7 +161,7 @@ def vae_case(tmp_path_factory):
   torch.manual_seed(5)
   model = _perturbed(diffusers.AutoencoderKL(**_public(vae.TINY_VAE_CONFIG)), 5)
   model.save_pretrained(folder)
-  module, params = vae.from_pretrained(folder)
+  module, params = vae.load(folder)
   img = np.random.RandomState(5).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   with torch.no_grad():
     dist = model.encode(_nchw(img)).latent_dist
@@ -207,16 +207,16 @@ def test_vae_old_attention_names_load(vae_case, tmp_path):
   assert any(".proj_attn." in k for k in state)
   checkpoint_io.save_state_dict(str(tmp_path), state, name="diffusion_pytorch_model.safetensors")
   checkpoint_io.write_config(str(tmp_path), vae.TINY_VAE_CONFIG)
-  _, params = vae.from_pretrained(str(tmp_path))
+  _, params = vae.load(str(tmp_path))
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, vae_case["params"])
 
 
 def test_vae_bin_folder_and_save_round_trip(vae_case, tmp_path):
   bin_dir, out_dir = str(tmp_path / "bin"), str(tmp_path / "ours")
   vae_case["torch"].save_pretrained(bin_dir, safe_serialization=False)
-  _, params = vae.from_pretrained(bin_dir)
+  _, params = vae.load(bin_dir)
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, vae_case["params"])
-  vae.save_pretrained(vae.TINY_VAE_CONFIG, params, out_dir)
+  vae.save(out_dir, vae.TINY_VAE_CONFIG, params)
   back = diffusers.AutoencoderKL.from_pretrained(out_dir).state_dict()
   want = vae_case["torch"].state_dict()
   assert set(back) == set(want)
@@ -226,7 +226,7 @@ def test_vae_bin_folder_and_save_round_trip(vae_case, tmp_path):
 
 def test_vae_init_params_loads_in_diffusers(tmp_path):
   params = vae.init_params(vae.TINY_VAE_CONFIG, jax.random.PRNGKey(0))
-  vae.save_pretrained(vae.TINY_VAE_CONFIG, params, str(tmp_path))
+  vae.save(str(tmp_path), vae.TINY_VAE_CONFIG, params)
   model = diffusers.AutoencoderKL.from_pretrained(str(tmp_path))
   w = model.state_dict()["decoder.conv_out.weight"].numpy()
   np.testing.assert_array_equal(w, np.asarray(params["decoder"]["conv_out"]["kernel"]).transpose(3, 2, 0, 1))
@@ -280,7 +280,7 @@ def test_vae_unsupported_config_names_key():
 
 
 def test_vae_bfloat16_decode_close_to_float32(vae_case):
-  module, params = vae.from_pretrained(vae_case["folder"], dtype=jnp.bfloat16)
+  module, params = vae.load(vae_case["folder"], dtype=jnp.bfloat16)
   out = jax.jit(lambda p, z: module.apply({"params": p}, z, method=module.decode))(params, vae_case["latents"])
   assert out.dtype == jnp.bfloat16
   _assert_close(out, vae_case["our_decoded"], BF16_TOL)
@@ -296,5 +296,5 @@ def test_sd_shaped_four_level_layouts_load(tmp_path):
        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
   diffusers.UNet2DConditionModel(**u).save_pretrained(str(tmp_path / "u"))
   diffusers.AutoencoderKL(**v).save_pretrained(str(tmp_path / "v"))
-  unet.from_pretrained(str(tmp_path / "u"))
-  vae.from_pretrained(str(tmp_path / "v"))
+  unet.load(str(tmp_path / "u"))
+  vae.load(str(tmp_path / "v"))

@@ -16,7 +16,7 @@ from typing import Sequence
 from absl import logging
 
 from synood_jax import fileio
-from synood_jax.data import datasets as data
+from synood_jax.data import datasets as data, loader
 
 # Expected image counts (MOS benchmark subsets as released; ImageNet-1k val): a set under one of these
 # names with fewer images is shown as partial ("SUN (8 of 10,000)").
@@ -144,7 +144,7 @@ def prepare(specs: Sequence[SetSpec], out_dir: str, *, allow_partial: bool = Fal
     if verify != "exists":
       missing_set = set(missing)
       todo = [i for i, r in enumerate(ds.records) if r.path not in missing_set]
-      bad = data.check_readable(ds, decode=verify == "decode", num_threads=num_threads, indices=todo)
+      bad = loader.check_readable(ds, decode=verify == "decode", num_threads=num_threads, indices=todo)
     report.missing[spec.name] = missing
     report.unreadable[spec.name] = [{"path": f.path, "error": f.error} for f in bad]
     if expected is not None and len(ds) != expected:

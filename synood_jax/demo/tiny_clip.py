@@ -10,7 +10,7 @@ import os
 
 from synood_jax import fileio
 from synood_jax.models import checkpoint_io
-from synood_jax.models import clip
+from synood_jax.models import clip, clip_config
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # A couple of merges so the BPE path is exercised ("the" becomes one token); ids follow CLIP's layout:
@@ -48,7 +48,7 @@ def write_char_tokenizer(folder: str, context_length: int = 77) -> str:
   return folder
 
 
-def tiny_config(**overrides) -> clip.CLIPConfig:
+def tiny_config(**overrides) -> clip_config.CLIPConfig:
   """A CLIPConfig with small towers; overrides are `vision_<field>`, `text_<field>` or top-level fields."""
   vocab = char_vocab()
   vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -67,7 +67,7 @@ def tiny_config(**overrides) -> clip.CLIPConfig:
     else:
       raise ValueError(f"make_tiny_clip: unknown override {key!r} (use vision_*, text_* or projection_dim)")
   hf = {"model_type": "clip", "text_config": {"bos_token_id": vocab[BOS], "pad_token_id": vocab[EOS]}}
-  return clip.CLIPConfig(clip.TowerConfig(**vision), clip.TowerConfig(**text), hf_json=json.dumps(hf), **top)
+  return clip_config.CLIPConfig(clip_config.TowerConfig(**vision), clip_config.TowerConfig(**text), hf_json=json.dumps(hf), **top)
 
 
 def write_preprocessor_config(folder: str, image_size: int) -> None:

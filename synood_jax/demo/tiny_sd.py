@@ -12,7 +12,7 @@ import jax
 
 from synood_jax import fileio
 from synood_jax.models import checkpoint_io
-from synood_jax.models import clip
+from synood_jax.models import clip, clip_config
 from synood_jax.demo import tiny_clip as tiny
 from synood_jax.models import unet as unet_lib
 from synood_jax.models import vae as vae_lib
@@ -49,11 +49,9 @@ MODEL_INDEX = {
 def make_tiny_inpaint_pipeline(folder: str, seed: int = 0) -> str:
   """Write a random tiny SD-2-in-painting-shaped pipeline to `folder`; returns it."""
   k_unet, k_vae = jax.random.split(jax.random.PRNGKey(seed))
-  unet_lib.save_pretrained(TINY_UNET_CONFIG, unet_lib.init_params(TINY_UNET_CONFIG, k_unet),
-                           os.path.join(folder, "unet"))
-  vae_lib.save_pretrained(TINY_VAE_CONFIG, vae_lib.init_params(TINY_VAE_CONFIG, k_vae),
-                          os.path.join(folder, "vae"))
-  text_cfg = clip.config_from_hf({"model_type": "clip_text_model", **TINY_TEXT_CONFIG}, projection=False)
+  unet_lib.save(os.path.join(folder, "unet"), TINY_UNET_CONFIG, unet_lib.init_params(TINY_UNET_CONFIG, k_unet))
+  vae_lib.save(os.path.join(folder, "vae"), TINY_VAE_CONFIG, vae_lib.init_params(TINY_VAE_CONFIG, k_vae))
+  text_cfg = clip_config.config_from_hf({"model_type": "clip_text_model", **TINY_TEXT_CONFIG}, projection=False)
   clip.save_pretrained(clip.create(text_cfg, seed=seed), os.path.join(folder, "text_encoder"))
   tiny.write_char_tokenizer(os.path.join(folder, "tokenizer"))
   checkpoint_io.write_config(os.path.join(folder, "scheduler"), SD2_INPAINT_SCHEDULER,

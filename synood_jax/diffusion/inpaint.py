@@ -46,7 +46,7 @@ def _guided_noise(unet_module, unet_params, latents, t, context, extra, guidance
 
 def sample_latents(unet_module, scheduler, unet_params, latents, prompt_embeds, negative_embeds,
                    mask, masked_image_latents, guidance_scale, num_inference_steps: int, first_index,
-                   image_latents=None, noise=None, remat: bool = False):
+                   image_latents=None, noise=None, remat: bool = False, table=None):
   """Denoise `latents` over the table entries from `first_index` on; returns float32 latents.
 
   latents: [B, h, w, 4] starting noisy latents (diffusers' `latents=`; times init_noise_sigma);
@@ -55,9 +55,10 @@ def sample_latents(unet_module, scheduler, unet_params, latents, prompt_embeds, 
   mask: [B, h, w, 1] at latent resolution (1 = repaint); masked_image_latents: [B, h, w, 4], scaled;
   first_index: from `start_index(...)` (a traced int is fine);
   image_latents, noise: 4-channel UNets only, which blend the kept region back after each step
-  (diffusers: the source re-noised with `noise`, which is the `latents` passed in).
+  (diffusers: the source re-noised with `noise`, which is the `latents` passed in);
+  table: `timestep_table(scheduler, num_inference_steps)`, if the caller has it already.
   """
-  table = timestep_table(scheduler, num_inference_steps)
+  table = timestep_table(scheduler, num_inference_steps) if table is None else table
   n = len(table)
   ts = jnp.asarray(table, jnp.int32)
   nine = unet_module.cfg.in_channels == 9

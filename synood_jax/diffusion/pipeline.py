@@ -91,9 +91,9 @@ def load_inpaint_pipeline(folder: str, dtype=jnp.float32, scheduler: str | None 
       raise CheckpointError(f"{folder}: missing subfolder {sub!r} (a diffusers pipeline has {SUBFOLDERS})")
   sched_cfg = schedulers.load_scheduler_config(os.path.join(folder, "scheduler"))
   sched = schedulers.inpaint_pipeline_scheduler(sched_cfg, scheduler, **(scheduler_overrides or {}))
-  unet_module, unet_params = unet_lib.from_pretrained(os.path.join(folder, "unet"), dtype=dtype,
+  unet_module, unet_params = unet_lib.load(os.path.join(folder, "unet"), dtype=dtype,
                                                       attention=attention)
-  vae_module, vae_params = vae_lib.from_pretrained(os.path.join(folder, "vae"), dtype=dtype, attention=attention)
+  vae_module, vae_params = vae_lib.load(os.path.join(folder, "vae"), dtype=dtype, attention=attention)
   text = clip.from_pretrained(os.path.join(folder, "text_encoder"), dtype=dtype,
                               tokenizer_path=os.path.join(folder, "tokenizer"), attention=attention)
   sample_size = checkpoint_io.read_config(os.path.join(folder, "unet")).get("sample_size", 64)

@@ -333,3 +333,22 @@ def params_to_state_dict(params: Mapping, literal: frozenset[str] = frozenset(),
     key = rename(flax_module_key(path[:-1], literal) + ("." if len(path) > 1 else "") + torch_leaf)
     out[key] = np.asarray(_to_torch_layout(leaf, np.asarray(value, dtype=np.float32)), order="C")
   return out
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers model folders (the UNet's and the VAE's `load` / `save`).
+
+def load_diffusers_folder(folder: str, build, param_shapes, dtype, rename=lambda k: k):
+  """A diffusers model folder (config.json + safetensors or .bin) -> (module, params)."""
+  config = read_config(folder)
+  module = build(config, dtype, source=os.path.join(folder, "config.json"))
+  state, source = load_state_dict(folder)  # lazy: read, converted and placed leaf by leaf
+  params = state_dict_to_params(state, param_shapes(module), source, rename=rename, place=to_device)
+  return module, params
+
+
+def save_diffusers_folder(folder: str, config: dict, params, class_name: str, literal=frozenset()) -> None:
+  """config.json + diffusion_pytorch_model.safetensors, which diffusers' from_pretrained loads."""
+  write_config(folder, {**dict(config), "_class_name": class_name})
+  state = params_to_state_dict(jax.device_get(params), literal=literal)
+  save_state_dict(folder, state, name="diffusion_pytorch_model.safetensors")

@@ -20,28 +20,6 @@ from synood_jax.models import attention as attention_lib
 Dtype = Any
 
 
-def load_folder(folder: str, subfolder, build, param_shapes, dtype, rename=lambda k: k):
-  """A diffusers model folder (config.json + safetensors or .bin) -> (module, params)."""
-  import os
-  from synood_jax.models import checkpoint_io
-  if subfolder:
-    folder = os.path.join(folder, subfolder)
-  config = checkpoint_io.read_config(folder)
-  module = build(config, dtype, source=os.path.join(folder, "config.json"))
-  state, source = checkpoint_io.load_state_dict(folder)  # lazy: read, converted and placed leaf by leaf
-  params = checkpoint_io.state_dict_to_params(state, param_shapes(module), source, rename=rename,
-                                              place=checkpoint_io.to_device)
-  return module, params
-
-
-def save_folder(folder: str, config: dict, params, class_name: str, literal=frozenset()) -> None:
-  """config.json + diffusion_pytorch_model.safetensors, which diffusers' from_pretrained loads."""
-  from synood_jax.models import checkpoint_io
-  checkpoint_io.write_config(folder, {**dict(config), "_class_name": class_name})
-  state = checkpoint_io.params_to_state_dict(jax.device_get(params), literal=literal)
-  checkpoint_io.save_state_dict(folder, state, name="diffusion_pytorch_model.safetensors")
-
-
 def config_checker(cfg: dict, fixed: dict, source: str, what: str):
   """Refuse config values this port does not implement (naming the key); returns the error maker."""
   def bad(key, why):

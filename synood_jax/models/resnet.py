@@ -162,17 +162,42 @@ def resnet_params_from_state_dict(module: ResNet, state: Mapping[str, np.ndarray
                                             place=checkpoint_io.to_device)
 
 
-def load_resnet(path: str, layers: Sequence[int] = RESNET50_LAYERS, width: int = 64, num_classes: int = 1000,
-                dtype: Any = jnp.float32) -> tuple[ResNet, dict]:
+def config(path: str) -> dict:
+  """(layers, width, num_classes) of a torchvision ResNet state dict, read from its tensors' names and
+  shapes (torchvision files carry no config)."""
+  state = _read_state_dict(path)
+  layers, i = [], 1
+  while any(k.startswith(f"layer{i}.") for k in state):
+    layers.append(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}))
+    i += 1
+  return {"layers": tuple(layers), "width": int(state["conv1.weight"].shape[0]),
+          "num_classes": int(state["fc.weight"].shape[0])}
+
+
+def load(path: str, dtype: Any = jnp.float32, attention: str = "auto", layers: Sequence[int] = RESNET50_LAYERS,
+         width: int = 64, num_classes: int = 1000) -> tuple[ResNet, dict]:
   """Load a torchvision ResNet state dict (`.pth`/`.pt` via `checkpoint_io.read_torch_file`, `.safetensors`).
 
-  `dtype` is the compute dtype (params stay float32; logits are returned as float32). A missing key,
-  an unexpected key or a shape mismatch raises `CheckpointError` naming the file and the key.
+  `dtype` is the compute dtype (params stay float32; logits are returned as float32); `attention` is
+  taken for the models' common face and unused (no attention layers). A missing key, an unexpected key
+  or a shape mismatch raises `CheckpointError` naming the file and the key.
   Returns `(module, params)`; call `module.apply({'params': params}, x_nhwc_normalized)`.
   """
+  del attention
   module = ResNet(layers=tuple(layers), width=width, num_classes=num_classes, dtype=dtype)
   state = _read_state_dict(path)
   return module, resnet_params_from_state_dict(module, state, path)
+
+
+def save(path: str, config: Mapping[str, Any], params) -> str:
+  """A torchvision state dict as `.safetensors` at `path` (what `load` and torchvision's
+  `load_state_dict` read); `config` ({layers, width, num_classes}) is checked against the params."""
+  module = ResNet(layers=tuple(config["layers"]), width=int(config["width"]), num_classes=int(config["num_classes"]))
+  state = checkpoint_io.params_to_state_dict(jax.device_get(params))
+  want = expected_torch_keys(jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"])
+  if {k: tuple(v.shape) for k, v in state.items()} != want:
+    raise CheckpointError(f"{path}: params do not match ResNet({dict(config)})")
+  return checkpoint_io.save_state_dict(os.path.dirname(os.path.abspath(path)), state, name=os.path.basename(path))
 
 
 def resized_size(height: int, width: int, size: int) -> tuple[int, int]:

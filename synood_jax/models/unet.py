@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synood_jax.models import attention as attention_lib
+from synood_jax.models import attention as attention_lib, checkpoint_io
 from synood_jax.models import diffusion_layers as L
 
 CLASS_NAME = "UNet2DConditionModel"
@@ -270,7 +271,7 @@ def _dummy_inputs(module: UNet2DConditionModel, dtype):
 
 
 def init_params(config: dict, rng, dtype=jnp.float32) -> dict:
-  """Random Flax params for `config` (no torch needed); pair with `save_pretrained` for toy models."""
+  """Random Flax params for `config` (no torch needed); pair with `save` for toy models."""
   return L.random_params(param_shapes(build(config, dtype)), rng)
 
 
@@ -279,12 +280,19 @@ def param_shapes(module: UNet2DConditionModel) -> dict:
   return shapes["params"]
 
 
-def from_pretrained(folder: str, dtype=jnp.float32, subfolder: str | None = None, attention: str = "auto"):
+def config(folder: str) -> dict:
+  """A diffusers UNet folder's config.json, checked (what this port does not implement is refused)."""
+  cfg = checkpoint_io.read_config(folder)
+  UNetConfig.from_dict(cfg, os.path.join(folder, "config.json"))
+  return cfg
+
+
+def load(folder: str, dtype=jnp.float32, attention: str = "auto"):
   """A diffusers UNet folder (config.json + safetensors or .bin) -> (module, params)."""
-  return L.load_folder(folder, subfolder, functools.partial(build, attention=attention), param_shapes, dtype)
+  return checkpoint_io.load_diffusers_folder(folder, functools.partial(build, attention=attention), param_shapes, dtype)
 
 
-def save_pretrained(config: dict, params, folder: str) -> None:
+def save(folder: str, config: dict, params) -> None:
   """Write config.json + diffusion_pytorch_model.safetensors that diffusers' from_pretrained loads."""
   UNetConfig.from_dict(dict(config))  # refuse to write what we could not read back
-  L.save_folder(folder, config, params, CLASS_NAME, literal=LITERAL)
+  checkpoint_io.save_diffusers_folder(folder, config, params, CLASS_NAME, literal=LITERAL)

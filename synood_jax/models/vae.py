@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synood_jax.models import attention as attention_lib
+from synood_jax.models import attention as attention_lib, checkpoint_io
 from synood_jax.models import diffusion_layers as L
 
 CLASS_NAME = "AutoencoderKL"
@@ -246,16 +247,23 @@ def param_shapes(module: AutoencoderKL) -> dict:
 
 
 def init_params(config: dict, rng, dtype=jnp.float32) -> dict:
-  """Random Flax params for `config` (no torch needed); pair with `save_pretrained` for toy models."""
+  """Random Flax params for `config` (no torch needed); pair with `save` for toy models."""
   return L.random_params(param_shapes(build(config, dtype)), rng)
 
 
-def from_pretrained(folder: str, dtype=jnp.float32, subfolder: str | None = None, attention: str = "auto"):
+def config(folder: str) -> dict:
+  """A diffusers AutoencoderKL folder's config.json, checked (what this port does not implement is refused)."""
+  cfg = checkpoint_io.read_config(folder)
+  VAEConfig.from_dict(cfg, os.path.join(folder, "config.json"))
+  return cfg
+
+
+def load(folder: str, dtype=jnp.float32, attention: str = "auto"):
   """A diffusers AutoencoderKL folder -> (module, params)."""
-  return L.load_folder(folder, subfolder, functools.partial(build, attention=attention), param_shapes, dtype,
-                       rename=_rename)
+  return checkpoint_io.load_diffusers_folder(folder, functools.partial(build, attention=attention), param_shapes, dtype, rename=_rename)
 
 
-def save_pretrained(config: dict, params, folder: str) -> None:
+def save(folder: str, config: dict, params) -> None:
+  """Write config.json + diffusion_pytorch_model.safetensors that diffusers' from_pretrained loads."""
   VAEConfig.from_dict(dict(config))  # refuse to write what we could not read back
-  L.save_folder(folder, config, params, CLASS_NAME)
+  checkpoint_io.save_diffusers_folder(folder, config, params, CLASS_NAME)

@@ -1,12 +1,13 @@
-"""Zero-shot CLIP classifier weights and image features.
+"""Zero-shot CLIP: classifier weights, image features and classification in one call.
 
 t_c = normalize(mean_k normalize(f_text(template_k(class_c)))), as CLIP's zero-shot ImageNet recipe;
-image features are normalize(f_image(x)), computed with the batch sharded over the mesh.
+image features are normalize(f_image(x)), computed with the batch sharded over the mesh;
+logits = exp(logit_scale) * normalize(f_image(x)) . t_c^T.
 """
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +15,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from synood_jax import parallel
+from synood_jax.models import clip_preprocess
 from synood_jax.progress import Progress
 
 
 def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+  """torch.nn.functional.normalize in float32: x / max(||x||, eps)."""
   x = jnp.asarray(x, jnp.float32)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
@@ -47,7 +50,7 @@ def _batched(fn, bundle, params, x: np.ndarray, batch_size: int, mesh: Mesh | No
   (items/s and an ETA counted after the first, compiling, batch)."""
   multiple = 1 if mesh is None else parallel.batch_size_multiple(mesh)
   # Round up so every device gets equal rows; no bigger than the (rounded) input needs.
-  batch_size = min(-(-batch_size // multiple), -(-len(x) // multiple) or 1) * multiple
+  batch_size = min(parallel.ceil_div(batch_size, multiple), parallel.ceil_div(len(x), multiple) or 1) * multiple
   if mesh is not None:
     params = parallel.place_params(params, mesh)
   out = []
@@ -94,4 +97,39 @@ def image_features(bundle, params, images: np.ndarray, batch_size: int = 256,
   return _batched(fn, bundle, params, np.asarray(images, np.float32), batch_size, mesh)
 
 
-__all__ = ["class_text_features", "encode_global_batch", "image_features", "l2_normalize"]
+def encode_prompts(bundle, params, prompts: Sequence[str], batch_size: int, mesh: Mesh | None = None) -> np.ndarray:
+  """L2-normalised features [N, D] of exact prompts (one template '{}', so no ensembling)."""
+  return class_text_features(bundle, params, list(prompts), ["{}"], batch_size, mesh=mesh)
+
+
+class ZeroShot(NamedTuple):
+  logits: np.ndarray  # [N, C] exp(logit_scale) * cos(image, class), transformers' logits_per_image
+  probs: np.ndarray   # [N, C] softmax over the classes
+
+
+def zero_shot(bundle, images, class_names: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
+              params: Any = None, preprocessed: bool = False, batch_size: int = 256, mesh=None) -> ZeroShot:
+  """CLIP zero-shot classification: logits = exp(logit_scale) * normalize(f_image(x)) . t_c^T, with
+  t_c = normalize(mean_k normalize(f_text(template_k(c)))) (`class_text_features`).
+
+  images: PIL images or uint8 HWC arrays (a list, or an NHWC uint8 array), preprocessed as transformers'
+    CLIPImageProcessor with the folder's preprocessor_config.json (`clip_preprocess`); with
+    `preprocessed=True`, an NHWC float32 batch that already is.
+  templates: strings with a `{}` placeholder; one template gives transformers' CLIPModel
+    `logits_per_image` for the prompts `template.format(c)`.
+  params: the bundle's own unless given (e.g. sharded with `parallel.shard_params`); mesh: shard the
+    batches over it. Returns numpy `ZeroShot(logits, probs)`.
+  """
+  params = bundle.params if params is None else params
+  if "logit_scale" not in params:
+    raise ValueError(f"zero_shot: this CLIP ({bundle.folder or 'in memory'}) has no logit_scale: it needs "
+                     "both towers (a CLIPModel folder)")
+  if preprocessed:
+    x = np.asarray(images, np.float32)
+  else:
+    x = clip_preprocess.preprocess(images, clip_preprocess.load_config(bundle.folder))
+  text = class_text_features(bundle, params, class_names, templates, batch_size, mesh)
+  feats = image_features(bundle, params, x, batch_size, mesh)
+  logits = np.exp(np.float32(np.asarray(params["logit_scale"], np.float32))) * (feats @ text.T)
+  shifted = np.exp(logits - logits.max(-1, keepdims=True))
+  return ZeroShot(logits, shifted / shifted.sum(-1, keepdims=True))

@@ -7,18 +7,17 @@
 
 The API takes explicit arguments, so any CLIP and any extra score (a tuned model's) can be evaluated:
 
-  sets = load_sets({'imagenet_val': spec}, {'sun': spec, ...})   # every file checked before model work
-  negatives = encode_negatives(clip, classnames, label_list='neglabel_10499.txt')
+  sets = load_sets({'imagenet_val': spec}, {'sun': spec, ...})   # ood/sets.py: files checked first
+  negatives = encode_negatives(clip, classnames, label_list='neglabel_10499.txt')   # labels/encoded.py
   results = evaluate(workdir, sets, 'imagenet_val', clip=clip, classnames=classnames,
                      negatives=negatives, methods={'synood': tuned.score_features})
 
 `evaluate`:
   1. encodes the ID class prompts with each method's templates (MCM's and NegLabel's own), unless
      `id_text` gives them;
-  2. extracts raw image features once per set, sharded over the mesh and cached on disk as npz keyed
-     by (set fingerprint, model folder and its weights, preprocessing, dtype), unless a set is given
-     as precomputed `Features`;
-  3. scores every set with each method and computes the metrics per OOD set and their average in
+  2. extracts raw image features once per set (ood/features.py: sharded over the mesh, cached on disk),
+     unless a set is given as precomputed `Features`;
+  3. scores every set with each method (the built-in ones: `ood.scores.METHODS`) and computes the metrics per OOD set and their average in
      both conventions (ID positive as MOS/MCM/NegLabel; OOD positive as OpenOOD v1.5);
   4. writes results.json, results.md (Table 1 layout), scores.npz, text_features.npz and PNG plots.
 `evaluate_config(config, workdir)` is the one adapter from a config (configs/evaluate.py) to these
@@ -27,332 +26,27 @@ arguments; the pipeline's evaluation stage passes its own models, negatives and 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-import io
-import json
 import os
-import time
 from typing import Any, Callable, Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from synood_jax import fileio, runtime
+from synood_jax import fileio, parallel
 from synood_jax.data import datasets as data, imagenet as imagenet_classes
-from synood_jax.ood import metrics, report
-from synood_jax.progress import Progress
+from synood_jax.labels.encoded import Negatives, encode_negatives
+from synood_jax.models import clip as clip_lib, zero_shot
+from synood_jax.ood import metrics, report, scores as ood_scores
+from synood_jax.ood.features import Features, dtype_name, encode_set, make_preprocess
+from synood_jax.ood.sets import load_sets, parse_sets, set_counts
 
 ScoreFn = Callable[[Any], Any]  # raw image features [n, D] -> scores [n], higher = more ID
-BUILTIN_SCORES = ("mcm", "neglabel")
+BUILTIN_SCORES = tuple(ood_scores.METHODS)  # the registry: ood/scores.py
 
 
 # ------------------------------------------------------------------------------------------------
-# Sets.
-
-def parse_sets(spec: str | Sequence[str] | Mapping[str, str], data_dir: str = "") -> dict[str, str]:
-  """'a,b=spec_b' (or a list / dict) -> {name: spec}; a bare name is `<data_dir>/<name>.jsonl`."""
-  if isinstance(spec, Mapping):
-    items = list(spec.items())
-  else:
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
-    items = []
-    for p in (p.strip() for p in parts):
-      if not p:
-        continue
-      name, _, s = p.partition("=")
-      items.append((name.strip(), s.strip()))
-  out = {}
-  for name, s in items:
-    if not s:
-      if not data_dir:
-        raise ValueError(f"set {name!r}: no spec given and config.data_dir is empty")
-      s = os.path.join(data_dir, f"{name}.jsonl")
-    if name in out:
-      raise ValueError(f"set {name!r} given twice")
-    out[name] = s
-  return out
-
-
-def load_sets(id_sets: Mapping[str, str], ood_sets: Mapping[str, str], *, allow_partial: bool = False,
-              verify: str = "exists", num_threads: int | None = None) -> dict[str, data.Dataset]:
-  """Load every set and check its files before any evaluation; raise naming each missing file."""
-  sets, problems = {}, []
-  for name, spec in {**id_sets, **ood_sets}.items():
-    ds = data.load_dataset(spec, name)
-    ds.name = name
-    if name in ood_sets:  # a folder of OOD images may have subfolders (iNaturalist/images, dtd/images/*)
-      ds.records = [data.Record(r.path, data.OOD_LABEL) for r in ds.records]
-    if verify == "exists":
-      bad = [data.Failure(-1, p, "missing") for p in data.missing_files(ds)]
-    else:
-      bad = data.check_readable(ds, decode=verify == "decode", num_threads=num_threads)
-    for f in bad:
-      problems.append(f"{name}: {f.error} {f.path}")
-    if bad and allow_partial:
-      drop = {f.path for f in bad}
-      ds = dataclasses.replace(ds, records=[r for r in ds.records if r.path not in drop])
-    sets[name] = ds
-  if problems:
-    msg = f"{len(problems)} file(s) missing or unreadable:\n" + "\n".join(problems[:100])
-    if len(problems) > 100:
-      msg += f"\n... and {len(problems) - 100} more"
-    if not allow_partial:
-      raise data.DataError(msg)
-    logging.warning("allow_partial: left out %s", msg)
-  return sets
-
-
-# ------------------------------------------------------------------------------------------------
-# Model-side adapters (zero_shot, clip_preprocess live in their own modules).
-
-def make_preprocess(clip_path: str, image_size: int) -> tuple[Callable, str]:
-  """(PIL image -> float32 HWC, an id string of the preprocessing for cache keys), from the model
-  folder's preprocessor_config.json (CLIPImageProcessor's defaults without one)."""
-  from synood_jax.models import clip_preprocess
-  cfg = clip_preprocess.load_config(clip_path)
-  if cfg.do_center_crop and (cfg.crop_height, cfg.crop_width) != (image_size, image_size):
-    raise ValueError(f"{clip_path}: preprocessing crops {cfg.crop_height}x{cfg.crop_width}, the model takes "
-                     f"{image_size}x{image_size}")
-  return functools.partial(clip_preprocess.preprocess_image, config=cfg), json.dumps(
-      dataclasses.asdict(cfg), sort_keys=True)
-
-
-def encode_prompts(bundle, params, prompts: Sequence[str], batch_size: int, mesh=None) -> np.ndarray:
-  """L2-normalised features [N, D] of exact prompts (one template '{}', so no ensembling)."""
-  from synood_jax.models import zero_shot
-  return np.asarray(zero_shot.class_text_features(bundle, params, list(prompts), ["{}"], batch_size,
-                                                  mesh=mesh), np.float32)
-
-
-def class_features(bundle, params, classnames, templates, batch_size: int, mesh=None) -> np.ndarray:
-  from synood_jax.models import zero_shot
-  return np.asarray(zero_shot.class_text_features(bundle, params, list(classnames), list(templates),
-                                                  batch_size, mesh=mesh), np.float32)
-
-
-# ------------------------------------------------------------------------------------------------
-# Feature extraction with an on-disk cache.
-
-@dataclasses.dataclass
-class Features:
-  features: np.ndarray        # float32 [n, D], raw projected embeddings (not normalised: SynOOD's
-                              # projection takes them as they are), rows for the readable records
-  labels: np.ndarray          # int64 [n]
-  indices: np.ndarray         # int64 [n]: record index of each row
-  failures: list[dict]        # [{path, error}] records that could not be read (left out)
-  cache_path: str = ""
-
-
-def model_fingerprint(clip_path: str) -> str:
-  """The model folder (absolute) plus size and mtime of its config and weight files."""
-  path = os.path.abspath(clip_path)
-  h = hashlib.sha256(path.encode())
-  if os.path.isdir(path):
-    for f in sorted(os.listdir(path)):
-      if f.endswith((".json", ".safetensors", ".bin", ".msgpack", ".npz", ".pth", ".pt")):
-        st = os.stat(os.path.join(path, f))
-        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
-  return h.hexdigest()
-
-
-def cache_key(dataset: data.Dataset, model_fp: str, preprocess_id: str, dtype: str) -> str:
-  key = json.dumps({"set": dataset.fingerprint(), "model": model_fp, "preprocess": preprocess_id,
-                    "dtype": dtype, "features": "raw"}, sort_keys=True)
-  return hashlib.sha256(key.encode()).hexdigest()
-
-
-def load_cached(path: str) -> Features | None:
-  if not fileio.exists(path):
-    return None
-  with fileio.open_file(path) as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
-    failures = json.loads(str(z["failures"]))
-    return Features(z["features"], z["labels"], z["indices"], failures, path)
-
-
-def save_cached(path: str, out: Features, name: str) -> None:
-  """Process 0 writes the cache (every process holds the same gathered features)."""
-  fileio.atomic_write(path, lambda f: np.savez(
-      f, features=out.features, labels=out.labels, indices=out.indices,
-      failures=np.asarray(json.dumps(out.failures)), name=np.asarray(name)))
-
-
-def extract_features(bundle, params, dataset: data.Dataset, preprocess: Callable, *, batch_size: int,
-                     mesh=None, cache_path: str | None = None, num_threads: int | None = None) -> Features:
-  """Image features of every readable record (`encode_process_slices`); unreadable records are listed
-  in `failures` (and logged), never dropped silently. With `cache_path`: read from there if process 0
-  finds it (then every process reads it: one decision for all), else written there by process 0."""
-  if cache_path and runtime.agreed(fileio.exists(cache_path)):
-    logging.info("%s: features from cache %s", dataset.name, cache_path)
-    return load_cached(cache_path)
-  out = encode_process_slices(bundle, params, dataset, preprocess, batch_size=batch_size, mesh=mesh,
-                              num_threads=num_threads)
-  if cache_path:
-    out.cache_path = cache_path
-    if fileio.is_writer():
-      save_cached(cache_path, out, dataset.name)
-  return out
-
-
-def process_records(num_records: int, batch_size: int) -> np.ndarray:
-  """The record indices this process reads: its rows (`parallel.process_rows`) of every global batch
-  of `batch_size` records."""
-  from synood_jax import parallel
-  rows = parallel.process_rows(batch_size)
-  idx = (np.arange(0, num_records, batch_size)[:, None] + np.arange(rows.start, rows.stop)[None, :]).reshape(-1)
-  return idx[idx < num_records]
-
-
-def encode_process_slices(bundle, params, dataset: data.Dataset, preprocess: Callable, *, batch_size: int,
-                          mesh=None, num_threads: int | None = None) -> Features:
-  """Raw image features of a set, each process reading and encoding only its own slice.
-
-  Global batch k holds records [k B, (k + 1) B); process p loads rows [p B/P, (p + 1) B/P) of it,
-  the batch is encoded over the whole mesh, and p keeps its rows' features. Unreadable or missing
-  rows are zeros marked invalid (one compiled shape, no row depends on another). One all-gather at the
-  end gives every process all rows, in record order: the same result as one process with B rows.
-  """
-  import jax
-
-  from synood_jax import parallel
-  from synood_jax.models import zero_shot
-
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  multiple = parallel.batch_size_multiple(mesh)
-  batch_size = -(-batch_size // multiple) * multiple  # every device gets equal rows
-  local, n_batches = batch_size // jax.process_count(), -(-len(dataset) // batch_size)
-  mine = process_records(len(dataset), batch_size)
-  loader = data.ImageLoader(dataclasses.replace(dataset, records=[dataset.records[i] for i in mine]), local,
-                            preprocess, num_threads=num_threads)
-  size = bundle.config.vision.image_size
-  feats = np.zeros((n_batches, local, bundle.config.projection_dim), np.float32)
-  valid = np.zeros((n_batches, local), bool)
-  start = time.perf_counter()
-  progress = Progress(len(mine), name=f"features {dataset.name}", unit="img", every_secs=10)
-  batches = iter(loader)
-  batch = next(batches, None)
-  for k in range(n_batches):  # the loader skips batches with no readable image: match by index
-    images = np.zeros((local, size, size, 3), np.float32)
-    if batch is not None and batch["index"][0] // local == k:
-      rows = batch["index"] - k * local
-      images[rows], valid[k, rows] = batch["image"], True
-      batch = next(batches, None)
-    out = zero_shot.encode_global_batch(bundle, params, parallel.global_batch(images, mesh), mesh, normalize=False)
-    feats[k] = parallel.host_rows(out, mesh)
-    n = min(local, len(mine) - k * local)
-    if k == 0:
-      progress.restart(done=n)  # the first batch compiled: the pace counts from its end
-    else:
-      progress.update(n)
-  failures = [dict(index=int(mine[f.index]), path=f.path, error=f.error) for f in loader.failures]
-  feats, valid = _gather_in_record_order(feats, valid)
-  failures = sorted(sum(runtime.gather_json(failures), []), key=lambda f: f["index"])
-  indices = np.flatnonzero(valid[:len(dataset)])
-  if not indices.size:
-    raise data.DataError(f"{dataset.name}: no readable image among {len(dataset)} records")
-  logging.info("%s: %d images encoded in %.1f s over %d process(es) (%d unreadable)", dataset.name, indices.size,
-               time.perf_counter() - start, jax.process_count(), len(failures))
-  return Features(feats[indices], dataset.labels[indices], indices.astype(np.int64),
-                  [{"path": f["path"], "error": f["error"]} for f in failures])
-
-
-def _gather_in_record_order(feats: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """[n_batches, local, ...] per process -> [n_batches * B, ...] of all processes, row = record index."""
-  import jax
-  from jax.experimental import multihost_utils
-  if jax.process_count() > 1:  # [P, n_batches, local, ...] -> batch-major, then process, then row
-    feats, valid = (np.swapaxes(np.asarray(multihost_utils.process_allgather(x)), 0, 1) for x in (feats, valid))
-  return feats.reshape(-1, feats.shape[-1]), valid.reshape(-1)
-
-
-def _model_folder(bundle) -> str:
-  """The CLIP's folder: its preprocessor_config.json, and its weights for the cache key."""
-  if not bundle.folder:
-    raise ValueError("evaluation: the CLIP bundle has no folder (load it with clip.from_pretrained): "
-                     "its preprocessing and the feature cache key come from there")
-  return bundle.folder
-
-
-def _dtype_name(bundle) -> str:
-  return np.dtype(bundle.module.dtype).name
-
-
-def encode_set(bundle, dataset: data.Dataset, *, params=None, batch_size: int = 256, mesh=None,
-               cache_dir: str = "", num_threads: int | None = None) -> Features:
-  """Raw image embeddings of a set's readable images (`extract_features`), preprocessed as the model
-  folder says; cached under `cache_dir` (if given) by (set, model weights, preprocessing, dtype)."""
-  from synood_jax import parallel
-  folder = _model_folder(bundle)
-  preprocess, preprocess_id = make_preprocess(folder, bundle.config.vision.image_size)
-  if mesh is not None:  # every device gets equal rows
-    multiple = parallel.batch_size_multiple(mesh)
-    batch_size = -(-batch_size // multiple) * multiple
-  cache_path = None
-  if cache_dir:
-    key = cache_key(dataset, model_fingerprint(folder), preprocess_id, _dtype_name(bundle))
-    cache_path = os.path.join(cache_dir, f"{dataset.name}-{key[:24]}.npz")
-  return extract_features(bundle, bundle.params if params is None else params, dataset, preprocess,
-                          batch_size=batch_size, mesh=mesh, cache_path=cache_path, num_threads=num_threads)
-
-
-# ------------------------------------------------------------------------------------------------
-# NegLabel's negative labels, encoded once per run.
-
-@dataclasses.dataclass(frozen=True)
-class Negatives:
-  """Negative labels (words, prompts, provenance) with their L2-normalised text features [M, D]."""
-  labels: Any                 # labels.negative_labels.NegativeLabels
-  features: np.ndarray        # float32 [M, D]
-  provenance: dict            # where the labels came from (`negative_labels.load_or_mine`)
-
-  @property
-  def description(self) -> str:
-    p, n = self.provenance, len(self.labels)
-    if p.get("label_list"):
-      return f"{n} from `{p['label_list']}`"
-    if p.get("corpus"):
-      return f"{n} mined from `{p['corpus']}` ({p.get('nouns')} nouns, {p.get('adjectives')} adjectives)"
-    return f"{n} given by the caller"
-
-  def save(self, label_list_path: str, features_path: str) -> None:
-    """The label list (JSON, with provenance) and the features (npz with the prompts they encode)."""
-    from synood_jax.labels import negative_labels as nl
-    nl.write_label_list(label_list_path, self.labels, self.provenance)
-    fileio.atomic_write(features_path, lambda f: np.savez(f, features=self.features,
-                                                          prompts=np.asarray(self.labels.prompts)))
-
-  @classmethod
-  def load(cls, label_list_path: str, features_path: str) -> "Negatives":
-    from synood_jax.labels import negative_labels as nl
-    labels = nl.load_label_list(label_list_path)
-    provenance = fileio.read_json(label_list_path).get("provenance", {})
-    with fileio.open_file(features_path) as f, np.load(io.BytesIO(f.read())) as z:
-      features, prompts = z["features"], [str(p) for p in z["prompts"]]
-    if prompts != list(labels.prompts):
-      raise ValueError(f"{features_path}: features of {len(prompts)} prompts, not of the "
-                       f"{len(labels)} in {label_list_path}")
-    return cls(labels, features, provenance)
-
-
-def encode_negatives(bundle, classnames: Sequence[str], *, params=None, label_list: str = "",
-                     corpus: str = "", percentile: float = 0.95, keep_fraction: float = 0.15,
-                     batch_size: int = 1000, mesh=None) -> Negatives | None:
-  """NegLabel's negatives (`negative_labels.load_or_mine`: a list, or mined from a corpus) and their
-  features, each prompt encoded once; None when neither a list nor a corpus is given."""
-  from synood_jax.labels import negative_labels as nl
-  params = bundle.params if params is None else params
-  encode = lambda prompts: encode_prompts(bundle, params, prompts, batch_size, mesh)
-  found = nl.load_or_mine(encode, classnames, label_list=label_list, corpus=corpus, percentile=percentile,
-                          keep_fraction=keep_fraction)
-  if found is None:
-    return None
-  labels, provenance = found
-  provenance = {**provenance, "model": bundle.folder}
-  return Negatives(labels, encode(labels.prompts), provenance)
-
-
-# ------------------------------------------------------------------------------------------------
-# Scores.
+# Options and scores.
 
 def _chunked(fn: Callable[[np.ndarray], Any], x: np.ndarray, chunk: int) -> np.ndarray:
   """fn over rows in fixed-size chunks (the last one padded), so each score compiles once."""
@@ -406,35 +100,6 @@ class Options:
     return cls(**kw)
 
 
-def builtin_methods(names: Sequence[str], id_text: Mapping[str, Any], neg_text, *, groups: int,
-                    temperature: float, seed: int, mcm_temperature: float) -> dict[str, ScoreFn]:
-  """MCM and NegLabel on raw image features (normalised here), each with its own ID text."""
-  from synood_jax.ood import scores
-  from synood_jax.models.zero_shot import l2_normalize as unit
-  table = {
-      "mcm": lambda img: scores.mcm_score(unit(img), id_text["mcm"], temperature=mcm_temperature),
-      "neglabel": lambda img: scores.neglabel_score(unit(img), id_text["neglabel"], neg_text, groups=groups,
-                                                    temperature=temperature, seed=seed),
-  }
-  return {n: table[n] for n in names}
-
-
-def compute_metrics(scores: Mapping[str, Mapping[str, np.ndarray]], id_set: str, ood_sets: Sequence[str],
-                    rules: Mapping[str, str] | None = None) -> dict:
-  """{method: {convention: {ood_set: metrics, 'average': mean over sets}}}; `rules`: convention ->
-  FPR95 rule (default `metrics.DEFAULT_FPR_RULES`). Empty or non-finite scores: an error naming both."""
-  rules = dict(metrics.DEFAULT_FPR_RULES if rules is None else rules)
-  out = {}
-  for method, by_set in scores.items():
-    checked = {s: metrics.check_scores(by_set[s], f"method {method!r}, set {s!r}") for s in [id_set, *ood_sets]}
-    out[method] = {}
-    for conv, rule in rules.items():
-      per = {s: metrics.ood_metrics(checked[id_set], checked[s], conv, rule=rule) for s in ood_sets}
-      per["average"] = {k: float(np.mean([per[s][k] for s in ood_sets])) for k in per[ood_sets[0]]}
-      out[method][conv] = per
-  return out
-
-
 # ------------------------------------------------------------------------------------------------
 # The whole evaluation.
 
@@ -455,10 +120,6 @@ def evaluate(workdir: str, sets: Mapping[str, data.Dataset | Features], id_set: 
   methods: more scores by name, fn(raw image features [n, D]) -> [n], e.g. a tuned model's
     `score_features`; `method_templates` states their ID prompts in the results header.
   """
-  import jax.numpy as jnp
-
-  from synood_jax import parallel
-
   options = Options() if options is None else options
   if id_set not in sets or len(sets) < 2:
     raise ValueError(f"evaluate: id_set {id_set!r} must be one of the sets {list(sets)}, with at least one other")
@@ -470,9 +131,8 @@ def evaluate(workdir: str, sets: Mapping[str, data.Dataset | Features], id_set: 
   names = imagenet_classes.load_classnames(classnames) if classnames is not None else None
   templates = {m: imagenet_classes.load_templates(options.templates[m]) for m in options.scores}
   texts = _id_text(clip, params, names, templates, dict(id_text or {}), options.text_batch_size, mesh)
-  if "neglabel" in options.scores and negatives is None:
-    raise ValueError("evaluate: score 'neglabel' needs `negatives` (config.negatives.label_list or .corpus)")
   neg_text = None if negatives is None else jnp.asarray(negatives.features, jnp.float32)
+  fns = {m: ood_scores.METHODS[m](jnp.asarray(texts[m]), neg_text, options) for m in options.scores}
 
   feats = {}
   for name, s in sets.items():
@@ -485,9 +145,6 @@ def evaluate(workdir: str, sets: Mapping[str, data.Dataset | Features], id_set: 
                              cache_dir=options.cache_dir or os.path.join(workdir, "cache"),
                              num_threads=options.num_threads or None)
 
-  fns = builtin_methods(options.scores, {m: jnp.asarray(t) for m, t in texts.items()}, neg_text,
-                        groups=options.groups, temperature=options.temperature, seed=options.seed,
-                        mcm_temperature=options.mcm_temperature)
   clash = set(fns) & set(methods or {})
   if clash:
     raise ValueError(f"evaluate: methods {sorted(clash)} are built-in scores too")
@@ -503,7 +160,7 @@ def evaluate(workdir: str, sets: Mapping[str, data.Dataset | Features], id_set: 
                         id_set, ood_names, mesh),
       "id_set": id_set, "ood_sets": ood_names, "conventions": list(options.fpr95_rules),
       "counts": set_counts(sets, feats),
-      "methods": compute_metrics(all_scores, id_set, ood_names, options.fpr95_rules),
+      "methods": metrics.compute_metrics(all_scores, id_set, ood_names, options.fpr95_rules),
       "id_accuracy": {m: _id_accuracy(id_feats, t) for m, t in texts.items()},
       "failures": {name: f.failures for name, f in feats.items()},
       "cache": {name: f.cache_path for name, f in feats.items()},
@@ -539,8 +196,8 @@ def _id_text(clip, params, names, templates: Mapping[str, list[str]], given: dic
     if clip is None or names is None:
       raise ValueError(f"evaluate: score {m!r} needs `id_text[{m!r}]`, or `clip` and `classnames`")
     if tuple(t) not in encoded:
-      encoded[tuple(t)] = class_features(clip, clip.params if params is None else params, names, t,
-                                         batch_size, mesh)
+      encoded[tuple(t)] = zero_shot.class_text_features(clip, clip.params if params is None else params,
+                                                        names, t, batch_size, mesh)
     given[m] = encoded[tuple(t)]
   return {m: np.asarray(given[m], np.float32) for m in templates}
 
@@ -552,7 +209,7 @@ def _header(clip, classnames, names, templates, method_templates, negatives, opt
   prompts.update({m: list(t) for m, t in (method_templates or {}).items()})
   return {
       "model": os.path.abspath(clip.folder) if clip is not None and clip.folder else "(precomputed features)",
-      "dtype": _dtype_name(clip) if clip is not None else None,
+      "dtype": dtype_name(clip) if clip is not None else None,
       "classnames": _describe_classnames(classnames), "num_classes": None if names is None else len(names),
       "templates": prompts,
       "negatives": "none" if negatives is None else negatives.description,
@@ -588,11 +245,6 @@ def sets_from_config(e, id_set: str | None = None, ood_sets: str | None = None
 def evaluate_config(config, workdir: str) -> dict:
   """The zero-shot evaluation a whole config describes (configs/evaluate.py): `models.clip_path` and
   `models.dtype`, `mesh`, `data.classnames` ('folders': the ID set's classes), `negatives.*`, `eval.*`."""
-  import jax.numpy as jnp
-
-  from synood_jax import parallel
-  from synood_jax.models import clip as clip_lib
-
   sets, id_name = sets_from_config(config.eval)  # every file checked before any model work
   if not config.models.clip_path:
     raise ValueError("config.models.clip_path is empty: the evaluation needs a CLIP folder")
@@ -624,22 +276,6 @@ def _describe_classnames(source) -> str:
     return (f"builtin '{source}': CLIP's cleaned ImageNet-1k names "
             "(openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb), as MCM / NegLabel use")
   return f"`{os.path.abspath(source)}`"
-
-
-def set_counts(sets: Mapping[str, data.Dataset | Features], feats: Mapping[str, Features]) -> dict:
-  """{set: {found, listed, expected}}: images scored, records listed, images the full set has (by its
-  manifest or benchmark name; None if unknown). found < expected marks a partial set everywhere."""
-  from synood_jax.data import prepare
-  out = {}
-  for name, f in feats.items():
-    ds = sets[name]
-    listed = len(ds) if isinstance(ds, data.Dataset) else int(f.features.shape[0])
-    expected = prepare.expected_images(name, ds) if isinstance(ds, data.Dataset) else None
-    out[name] = {"found": int(f.features.shape[0]), "listed": listed, "expected": expected}
-    if expected and out[name]["found"] < expected:
-      logging.warning("%s: a partial set (%d of %d images); its numbers are shown as such", name,
-                      out[name]["found"], expected)
-  return out
 
 
 def _in_label_space(ds, f: Features, classnames) -> Features:

@@ -155,3 +155,19 @@ def ood_metrics(id_scores, ood_scores, convention: str = "id_positive", tpr: flo
               auroc=auroc(id_scores, ood_scores),
               aupr_in=aupr_in(id_scores, ood_scores),
               aupr_out=aupr_out(id_scores, ood_scores))
+
+
+def compute_metrics(scores, id_set: str, ood_sets, rules=None) -> dict:
+  """{method: {convention: {ood_set: metrics, 'average': mean over sets}}} of scores {method: {set: [n]}};
+  `rules`: convention -> FPR95 rule (default `DEFAULT_FPR_RULES`). Empty or non-finite scores: an error
+  naming both."""
+  rules = dict(DEFAULT_FPR_RULES if rules is None else rules)
+  out = {}
+  for method, by_set in scores.items():
+    checked = {s: check_scores(by_set[s], f"method {method!r}, set {s!r}") for s in [id_set, *ood_sets]}
+    out[method] = {}
+    for conv, rule in rules.items():
+      per = {s: ood_metrics(checked[id_set], checked[s], conv, rule=rule) for s in ood_sets}
+      per["average"] = {k: float(np.mean([per[s][k] for s in ood_sets])) for k in per[ood_sets[0]]}
+      out[method][conv] = per
+  return out

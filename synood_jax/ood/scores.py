@@ -3,6 +3,7 @@
 Every score is higher for in-distribution. Image and text features are L2-normalised rows, so
 `img @ text.T` is the cosine; `logits = cos / T` (T = 0.01 gives CLIP's 100 * cos).
 All functions are jnp and jittable; `group_negatives` is the host-side (numpy) part of NegLabel.
+`METHODS` names the evaluation's built-in scores (`ood.evaluation`): a new one is a function and a line.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.nn import logsumexp
+
+from synood_jax.models.zero_shot import l2_normalize
 
 
 def group_negatives(num_neg: int, groups: int = 100, seed: int = 0,
@@ -92,3 +95,23 @@ def msp_score(logits: jax.Array) -> jax.Array:
 def max_logit_score(logits: jax.Array) -> jax.Array:
   """Maximum logit [N]: S = max_c logits_c."""
   return jnp.max(logits, axis=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The evaluation's built-in methods. Each: (ID class features [C, D] from its own templates
+# (config.eval.templates), negative features [M, D] or None, the evaluation's Options) -> a score of raw
+# image features [n, D] (normalised here). A new one: one function and one line in METHODS.
+
+def _mcm_method(id_text, neg_text, o):
+  del neg_text
+  return lambda img: mcm_score(l2_normalize(img), id_text, temperature=o.mcm_temperature)
+
+
+def _neglabel_method(id_text, neg_text, o):
+  if neg_text is None:
+    raise ValueError("evaluate: score 'neglabel' needs `negatives` (config.negatives.label_list or .corpus)")
+  return lambda img: neglabel_score(l2_normalize(img), id_text, neg_text, groups=o.groups,
+                                    temperature=o.temperature, seed=o.seed)
+
+
+METHODS = {"mcm": _mcm_method, "neglabel": _neglabel_method}

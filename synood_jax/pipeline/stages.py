@@ -30,7 +30,8 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from synood_jax.synthesis import context_prompts, guidance, health, sources, synthesize as synthesis
+from synood_jax.synthesis import context_prompts, guidance, health, procedure, sources, synthesize as synthesis
+from synood_jax.synthesis import manifest as synthesis_manifest
 from synood_jax.data import datasets as data, imagenet as imagenet_classes
 from synood_jax.demo import images as demo_data
 from synood_jax.ood import evaluation
@@ -188,15 +189,8 @@ def _records(path: str) -> list[dict]:
 
 
 def _guidance(ctx: Context):
-  """The frozen classifier of the boundary score: CLIP zero-shot (default) or ResNet-50."""
-  g = ctx.config.synthesis
-  if g.classifier == "clip":
-    return guidance.clip_zero_shot(ctx.clip, ctx.id_text, logit_scale=float(g.clip_logit_scale))
-  if g.classifier == "resnet50":
-    from synood_jax.models import resnet
-    module, params = resnet.load_resnet(g.resnet_path)
-    return guidance.resnet50(module, params)
-  raise ValueError(f"config.synthesis.classifier: {g.classifier!r} is not 'clip' or 'resnet50'")
+  """The frozen classifier of the boundary score (`guidance.CLASSIFIERS`: CLIP zero-shot or ResNet-50)."""
+  return guidance.classifier(ctx.config.synthesis, ctx)
 
 
 def _synthesize(ctx: Context, records: list[dict], source_root: str, out_dir: str) -> dict:
@@ -256,7 +250,7 @@ def stage_features(ctx: Context) -> dict:
   src = _records(ctx.wd.sources)
   syn_dir = ctx.wd.synthesis
   try:
-    manifest = health.training_records(list(synthesis.read_manifest(ctx.wd.synthesis_manifest).values()),
+    manifest = health.training_records(list(synthesis_manifest.read_records(ctx.wd.synthesis_manifest).values()),
                                        drop_flagged=bool(ctx.config.pseudo.drop_flagged))
   except ValueError as e:
     raise data.DataError(f"features: {e}") from None
@@ -402,7 +396,7 @@ CONSUMES: dict[str, tuple[str, ...]] = {
     "report": ("models", "sources", "synthesis", "stage2", "stage3", "evaluate"),
 }
 # Bumped when a stage's code changes its results (so older outputs are not reused).
-VERSIONS = {"synthesis": synthesis.PROCEDURE_VERSION}  # its history: synthesize.PROCEDURE_VERSION
+VERSIONS = {"synthesis": procedure.PROCEDURE_VERSION}  # its history: synthesis/procedure.py
 # Fields that change speed or logging only, never a result.
 NOT_RESULTS = ("synthesis.batch_size", "synthesis.decode_chunk", "synthesis.log_every_secs", "synthesis.max_not_ok",
                "stage2.checkpoint_every", "stage2.max_to_keep", "stage2.progress_every_secs",

@@ -13,14 +13,12 @@ from typing import Any, Callable
 from synood_jax.models import attention
 from synood_jax.ood import evaluation, metrics
 from synood_jax.pipeline import provenance
-from synood_jax.synthesis import refinement, synthesize
+from synood_jax.diffusion import schedulers
+from synood_jax.synthesis import guidance, manifest, refinement
 
-CLASSIFIERS = ("clip", "resnet50")
 DTYPES = ("float32", "bfloat16", "float16")
 CONTEXT_POLICIES = ("skip", "fallback")
 VERIFY = ("exists", "header", "decode")
-SCHEDULERS = ("", "ddim", "pndm", "dpmsolver_multistep", "DDIMScheduler", "PNDMScheduler",
-              "DPMSolverMultistepScheduler")
 
 
 class ConfigValueError(ValueError):
@@ -32,11 +30,11 @@ ENUMS: dict[str, tuple] = {
     "models.dtype": DTYPES,
     "models.attention": attention.CHOICES,
     "context.policy": CONTEXT_POLICIES,
-    "synthesis.classifier": CLASSIFIERS,
+    "synthesis.classifier": tuple(guidance.CLASSIFIERS),
     "synthesis.loss": refinement.LOSSES,
     "synthesis.grad_mode": refinement.GRAD_MODES,
-    "synthesis.image_format": tuple(synthesize.IMAGE_FORMATS),
-    "synthesis.scheduler": SCHEDULERS,
+    "synthesis.image_format": tuple(manifest.IMAGE_FORMATS),
+    "synthesis.scheduler": ("", *schedulers.NAMES),  # '' = the folder's
     "eval.verify": VERIFY,
     "eval.fpr95_rules.id_positive": metrics.FPR_RULES,
     "eval.fpr95_rules.ood_positive": metrics.FPR_RULES,

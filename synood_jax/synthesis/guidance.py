@@ -2,6 +2,7 @@
 
 Each is (logits_fn(params, images), params) with images NHWC float in [0, 1] (decoded in-paintings), and
 differentiable preprocessing in JAX, so the refinement loop can take gradients through it.
+`CLASSIFIERS` maps config.synthesis.classifier to its builder: a new one is a function and a line there.
 """
 from __future__ import annotations
 
@@ -40,3 +41,27 @@ def num_classes(logits_fn, classifier_params, image_size: int) -> int:
   """C, the width of the classifier's logits: traced on an abstract image, nothing is computed."""
   image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   return int(jax.eval_shape(logits_fn, classifier_params, image).shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry. Each builder: (config.synthesis, models) -> (logits_fn, params), where `models` gives, when
+# asked (a lazy context such as the pipeline's), `clip` (a CLIP bundle) and `id_text` (the ID class prompts'
+# features [C, D]); a builder reads only what it needs.
+
+def _clip(g, models):
+  return clip_zero_shot(models.clip, models.id_text, logit_scale=float(g.clip_logit_scale))
+
+
+def _resnet50(g, models):
+  del models
+  return resnet50(*resnet.load(g.resnet_path))
+
+
+CLASSIFIERS = {"clip": _clip, "resnet50": _resnet50}
+
+
+def classifier(g, models):
+  """The frozen classifier of the boundary score that config.synthesis (`g`) names."""
+  if g.classifier not in CLASSIFIERS:
+    raise ValueError(f"config.synthesis.classifier: {g.classifier!r} is not one of {sorted(CLASSIFIERS)}")
+  return CLASSIFIERS[g.classifier](g, models)

@@ -156,7 +156,7 @@ def likely_cause(c: Mapping[str, int], config=None, among: Sequence[str] = FAILU
   """What most likely went wrong, from which status of `among` dominates (with the config's values if
   given)."""
   worst = max(among, key=lambda s: c.get(s, 0))
-  get = (lambda k: f"={config.get(k)}") if config is not None else (lambda k: "")
+  get = (lambda k: f"={getattr(config, k, None)}") if config is not None else (lambda k: "")
   if worst == "nonfinite":
     return (f"the refinement diverged (NaN/inf): synthesis.step_size{get('step_size')} is probably too large; "
             "lower precision (models.dtype) can also overflow")
@@ -175,7 +175,7 @@ class Monitor:
     self.config = config
     self.total = int(total)
     self.where = where
-    self.max_share = float(config.get("max_not_ok", 0.05))
+    self.max_share = float(getattr(config, "max_not_ok", 0.05))  # config: synthesize.Settings or config.synthesis
     self.statuses = list(initial)
 
   def add(self, statuses: Sequence[str]) -> None:

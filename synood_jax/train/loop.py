@@ -43,11 +43,6 @@ REPLICATE_ALL = ((".*", "replicate"),)
 # ---------------------------------------------------------------------------------------------
 # Losses and inputs
 
-def l2_normalize(x, eps: float = 1e-12):
-  """torch.nn.functional.normalize: x / max(||x||, eps)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
 def masked_ce(logits, labels, mask):
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   mask = mask.astype(logits.dtype)

@@ -16,7 +16,7 @@ import optax
 
 from synood_jax import fileio, parallel, runtime
 from synood_jax.train import loop
-from synood_jax.train.loop import l2_normalize
+from synood_jax.models.zero_shot import l2_normalize
 
 
 def stage3_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:

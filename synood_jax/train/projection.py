@@ -26,7 +26,7 @@ import optax
 
 from synood_jax import parallel
 from synood_jax.train import loop
-from synood_jax.train.loop import l2_normalize
+from synood_jax.models.zero_shot import l2_normalize
 
 
 
