@@ -6,7 +6,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from synood_jax import runtime
-from synood_jax.pipeline import stages
+from synood_jax.pipeline import runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Run config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output: <workdir>/synthesis/<class>/<name>_ood.JPEG (or .png) + manifest.")
@@ -18,7 +18,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runtime.setup(_CONFIG.value)
   with runtime.fail_fast():
-    stages.run(_CONFIG.value, _WORKDIR.value, ["models", "data", "sources", "synthesis"])
+    runner.run(_CONFIG.value, _WORKDIR.value, ["models", "data", "sources", "synthesis"])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Before: doubling the loss in `synthesis/refinement.py` and rerunning a finished workdir printed 11
 "already done" lines; a synthesis killed at 16/32, edited and resumed said "16 done, 16 to go" and mixed
 images of two code versions in one manifest. Here a temporary copy of the package is really edited
-between runs of `stages.run` (in subprocesses importing the copy; the stage functions are recorders)."""
+between runs of `runner.run` (in subprocesses importing the copy; the stage functions are recorders)."""
 import json
 import os
 import shutil
@@ -21,7 +21,8 @@ RUN = textwrap.dedent("""
     sys.path.insert(0, {pkg!r})
     sys.path.insert(1, {root!r})
     from configs import demo
-    from synood_jax.pipeline import stages
+    import dataclasses
+    from synood_jax.pipeline import runner, stages
     assert stages.__file__.startswith({pkg!r}), stages.__file__
     W, ran = {workdir!r}, []
     def fake(name):
@@ -35,10 +36,10 @@ RUN = textwrap.dedent("""
         return {{}}
       return fn
     for name in stages.STAGES:
-      stages.STAGE_FNS[name] = fake(name)
+      stages.BY_NAME[name] = dataclasses.replace(stages.BY_NAME[name], run=fake(name))
     c = demo.get_config()
     c.on_change = os.environ.get("ON_CHANGE", "rerun")
-    stages.run(c, W)
+    runner.run(c, W)
     print("RAN", json.dumps(ran))
 """)
 

@@ -17,7 +17,7 @@ import scipy.special
 from PIL import Image
 
 from synood_jax.data import datasets as data
-from synood_jax.pipeline import stages
+from synood_jax.pipeline import context, runner, stages
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax import parallel
 from synood_jax.synthesis import health, refinement
@@ -142,7 +142,7 @@ def test_all_flagged_run_names_the_cause(tmp_path):
   c = demo.get_config()
   c.pseudo.drop_flagged = True                   # the option; off by default (the official procedure)
   with pytest.raises(data.DataError, match="features: no synthetic image .*drop_flagged removed 24 of 24"):
-    stages.stage_features(stages.Context(c, wd))
+    stages.encode_features(context.RunContext(c, wd))
   # synthesis itself never stops on such a run (issue 21; before: it stopped after 8 of 24)
   mon = health.Monitor(_cfg(step_size=10.0), total=24, where="m")
   mon.add(["in_distribution"] * 24)
@@ -158,7 +158,7 @@ def test_step_size_inf_run_stops_with_a_clear_error(tmp_path):
   c.compile_cache_dir = os.environ["SYNOOD_COMPILE_CACHE"]
   c.synthesis.step_size = float("inf")
   with pytest.raises(health.SynthesisHealthError) as e:
-    stages.run(c, str(tmp_path), ["models", "data", "sources", "synthesis"])
+    runner.run(c, str(tmp_path), ["models", "data", "sources", "synthesis"])
   msg = str(e.value)
   print(msg)
   assert "synthesis stopped after 8 of 32 images: 8 of 8 images (100%) failed (nonfinite 8" in msg

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from synood_jax.models import zero_shot
-from synood_jax.pipeline import stages
+from synood_jax.pipeline import runner, stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +39,7 @@ def demo_run(tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(zero_shot, "encode_prompts", counting)
-    infos = stages.run(demo_config(), workdir)
+    infos = runner.run(demo_config(), workdir)
   return workdir, infos, encoded
 
 
@@ -79,7 +79,7 @@ def test_every_stage_and_the_report(demo_run):
   assert json.load(open(os.path.join(workdir, "config.json")))["synthesis"]["target"] == c.synthesis.target
   # a rerun skips every finished stage
   start = time.perf_counter()
-  again = stages.run(demo_config(), workdir)
+  again = runner.run(demo_config(), workdir)
   assert again == infos and time.perf_counter() - start < 5
 
 

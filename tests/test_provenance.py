@@ -1,18 +1,24 @@
 """Provenance and early checks (issue 11, items 2 and 8), without models: the stage functions are
-replaced by recorders, so what is tested is `stages.run`'s decisions.
+replaced by recorders, so what is tested is `runner.run`'s decisions.
 
 Before: rerunning a workdir with another step_size, target and stage2.epochs printed 11 "already done"
 lines and exited 0; a typo in sd_path surfaced only after the sources stage had scanned every header."""
+import dataclasses
 import json
 import os
 import sys
 
 import pytest
 
-from synood_jax.pipeline import inputs, provenance, stages, values
+from synood_jax.pipeline import context, inputs, runner, stages, values
 from synood_jax.pipeline.workdir import Workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _replace_run(monkeypatch, name, run):
+  """The stage `name` with another function (for this test only)."""
+  monkeypatch.setitem(stages.BY_NAME, name, dataclasses.replace(stages.BY_NAME[name], run=run))
 
 
 def demo_config():
@@ -35,19 +41,19 @@ def recorder(monkeypatch):
       return {"ran": name}
     return fn
   for name in stages.STAGES:
-    monkeypatch.setitem(stages.STAGE_FNS, name, fake(name))
+    _replace_run(monkeypatch, name, fake(name))
   return calls
 
 
 def test_fingerprints_change_exactly_downstream():
-  base = provenance.fingerprints(demo_config(), stages.READS, stages.CONSUMES, stages.VERSIONS, stages.NOT_RESULTS)
+  base = runner.fingerprints(demo_config())
 
   def changed(**edits):
     c = demo_config()
     for path, value in edits.items():
       group, field = path.split("__")
       c[group][field] = value
-    fps = provenance.fingerprints(c, stages.READS, stages.CONSUMES, stages.VERSIONS, stages.NOT_RESULTS)
+    fps = runner.fingerprints(c)
     return [s for s in stages.STAGES if fps[s].value != base[s].value]
 
   after_synthesis = ["synthesis", "features", "stage2", "stage3", "export", "evaluate", "report"]
@@ -66,13 +72,13 @@ def test_fingerprints_change_exactly_downstream():
 
 def test_rerun_with_a_changed_field(tmp_path, recorder, caplog):
   wd = Workdir(str(tmp_path))
-  stages.run(demo_config(), wd.root)
+  runner.run(demo_config(), wd.root)
   assert recorder == list(stages.STAGES)
   assert json.load(open(wd.config))["synthesis"]["step_size"] == 55.0     # the full resolved config
   done = json.load(open(wd.done("synthesis")))["provenance"]
   assert done["fields"]["synthesis.step_size"] == 55.0 and set(done["upstream"]) == {"models", "data", "sources"}
   recorder.clear()
-  stages.run(demo_config(), wd.root)
+  runner.run(demo_config(), wd.root)
   assert recorder == []                                                  # same config: all skipped
 
   c = demo_config()
@@ -80,7 +86,7 @@ def test_rerun_with_a_changed_field(tmp_path, recorder, caplog):
   c.stage2.epochs = 3
   c.on_change = "error"                                                  # refuses, runs nothing
   with pytest.raises(ValueError) as e:
-    stages.run(c, wd.root)
+    runner.run(c, wd.root)
   print(e.value)
   assert "synthesis: synthesis.step_size: 55.0 -> 20.0" in str(e.value)
   assert "stage2: stage2.epochs: 10 -> 3; input stage features changed" in str(e.value)
@@ -88,7 +94,7 @@ def test_rerun_with_a_changed_field(tmp_path, recorder, caplog):
 
   c.on_change = "rerun"
   with caplog.at_level("WARNING"):
-    stages.run(c, wd.root)
+    runner.run(c, wd.root)
   assert recorder == ["synthesis", "features", "stage2", "stage3", "export", "evaluate", "report"]
   assert any("stage synthesis: inputs changed since it ran, re-running it (synthesis.step_size: 55.0 -> 20.0)"
              in r.getMessage() for r in caplog.records)
@@ -99,18 +105,18 @@ def test_rerun_with_a_changed_field(tmp_path, recorder, caplog):
 
 def test_killed_stage_resumes_only_with_the_same_inputs(tmp_path, recorder):
   wd = Workdir(str(tmp_path))
-  stages.run(demo_config(), wd.root, ["models", "data", "sources", "synthesis"])
+  runner.run(demo_config(), wd.root, ["models", "data", "sources", "synthesis"])
   # as if synthesis had been killed: started marker and partial outputs, no done marker
   os.remove(wd.done("synthesis"))
-  fps, steps = stages.plan(demo_config(), wd, ["synthesis"])
+  fps, steps = runner.plan(demo_config(), wd, ["synthesis"])
   assert [(s.stage, s.action) for s in steps] == [("synthesis", "resume")]
   c = demo_config()
   c.synthesis.target = -2.5
-  _, steps = stages.plan(c, wd, ["synthesis"])
+  _, steps = runner.plan(c, wd, ["synthesis"])
   assert steps[0].action == "rerun" and steps[0].changes == ["synthesis.target: -1.8 -> -2.5"]
   # a stage whose inputs are stale and not part of this run is refused
   with pytest.raises(ValueError, match=r"stage features needs stage\(s\) \['synthesis', 'negatives'\]"):
-    stages.plan(c, wd, ["features"])
+    runner.plan(c, wd, ["features"])
 
 
 def test_paths_checked_before_any_stage(tmp_path, recorder):
@@ -127,7 +133,7 @@ def test_paths_checked_before_any_stage(tmp_path, recorder):
   c.data.train_root = str(tmp_path / "imagenet" / "train")
   c.negatives.label_list = str(tmp_path / "neglabel.txt")
   with pytest.raises(inputs.InputError) as e:
-    stages.run(c, str(tmp_path / "run"))
+    runner.run(c, str(tmp_path / "run"))
   msg = str(e.value)
   print(msg)
   assert msg.startswith("5 path(s) named by the config are missing or incomplete (checked before any stage runs)")
@@ -165,7 +171,7 @@ def test_bad_values_refused_before_any_stage(tmp_path, recorder):
   """Issue 19, case 5: step_size=-inf deleted the previous good synthesis before the health check
   stopped the run; classifier='clipp' was found after three stages. Now both are one error up front."""
   wd = Workdir(str(tmp_path))
-  stages.run(demo_config(), wd.root)
+  runner.run(demo_config(), wd.root)
   before = {p: open(p).read() for p in (wd.done("synthesis"), wd.done("report"))}
   recorder.clear()
   c = demo_config()
@@ -175,7 +181,7 @@ def test_bad_values_refused_before_any_stage(tmp_path, recorder):
   c.negatives.keep_fraction = 1.5
   c.eval.fpr95_rules.id_positive = "neglable"
   with pytest.raises(values.ConfigValueError) as e:
-    stages.run(c, wd.root)
+    runner.run(c, wd.root)
   print(e.value)
   assert str(e.value) == (
       "5 config value(s) are invalid (checked before any stage runs; nothing was changed in the workdir):\n"
@@ -193,32 +199,32 @@ def test_failed_rerun_keeps_the_finished_outputs(tmp_path, recorder, monkeypatch
   """A rerun writes beside the finished synthesis and swaps at the end: a rerun that fails leaves the
   finished images and done marker as they were; run again, it resumes beside them; at its end they go."""
   wd = Workdir(str(tmp_path))
-  stages.run(demo_config(), wd.root)
+  runner.run(demo_config(), wd.root)
   done = open(wd.done("synthesis")).read()
   recorder.clear()
-  fake = stages.STAGE_FNS["synthesis"]
+  fake = stages.BY_NAME["synthesis"].run
 
   def failing(ctx):
     fake(ctx)
     raise RuntimeError("health check: too many nonfinite images")
-  monkeypatch.setitem(stages.STAGE_FNS, "synthesis", failing)
+  _replace_run(monkeypatch, "synthesis", failing)
   c = demo_config()
   c.synthesis.target = -2.5
   with pytest.raises(RuntimeError, match="health check"):
-    stages.run(c, wd.root)
+    runner.run(c, wd.root)
   assert os.listdir(wd.synthesis) == ["made_by_run_4.png"] and open(wd.done("synthesis")).read() == done
   assert os.listdir(os.path.join(wd.root, "rerun", "synthesis")) == ["made_by_run_1.png"]
   # the old config still finds everything done
   recorder.clear()
-  stages.run(demo_config(), wd.root)
+  runner.run(demo_config(), wd.root)
   assert recorder == []
   # the new config, with the stage fixed: resumes beside (keeps the first attempt's image), then swaps
   def second(ctx):
     open(os.path.join(ctx.wd.synthesis, "second_attempt.png"), "w").close()
     return fake(ctx)
-  monkeypatch.setitem(stages.STAGE_FNS, "synthesis", second)
+  _replace_run(monkeypatch, "synthesis", second)
   with caplog.at_level("INFO"):
-    infos = stages.run(c, wd.root)
+    infos = runner.run(c, wd.root)
   assert any("stage synthesis: resuming its rerun beside the finished outputs" in r.getMessage()
              for r in caplog.records)
   assert sorted(os.listdir(wd.synthesis)) == ["made_by_run_1.png", "second_attempt.png"]
@@ -229,7 +235,7 @@ def test_failed_rerun_keeps_the_finished_outputs(tmp_path, recorder, monkeypatch
 
 def test_interrupted_swap_is_finished_by_the_next_run(tmp_path, recorder):
   wd = Workdir(str(tmp_path))
-  stages.run(demo_config(), wd.root)
+  runner.run(demo_config(), wd.root)
   new = os.path.join(wd.root, "rerun", "synthesis")
   os.makedirs(new)
   open(os.path.join(new, "new.png"), "w").close()
@@ -239,7 +245,7 @@ def test_interrupted_swap_is_finished_by_the_next_run(tmp_path, recorder):
   json.dump({"folders": [wd.synthesis, wd.synthesis_heldout], "made": [wd.synthesis], "done": info},
             open(os.path.join(wd.root, "rerun", "synthesis.swap.json"), "w"))
   recorder.clear()
-  stages.run(demo_config(), wd.root)
+  runner.run(demo_config(), wd.root)
   assert os.listdir(wd.synthesis) == ["new.png"] and json.load(open(wd.done("synthesis")))["marker"] == "the rerun's"
   assert not os.path.exists(os.path.join(wd.root, "rerun", "synthesis.swap.json"))
 
@@ -251,13 +257,13 @@ def test_demo_never_writes_into_the_users_folder(tmp_path, recorder, monkeypatch
   user = tmp_path / "my_imagenet"
   (user / "n01440764").mkdir(parents=True)
   (user / "n01440764" / "fish.JPEG").write_bytes(b"mine")
-  monkeypatch.setitem(stages.STAGE_FNS, "data", stages.stage_data)  # the real one, which writes images
+  _replace_run(monkeypatch, "data", stages.make_data)  # the real one, which writes images
   c = demo_config()
   c.data.train_root, c.data.classnames = str(user), "imagenet"
   with pytest.raises(inputs.InputError) as e:
-    stages.run(c, str(tmp_path / "run"))
+    runner.run(c, str(tmp_path / "run"))
   assert (f"data.train_root='{user}': set together with data.generate: the demo generates its images in "
           "<workdir>/data and never writes into your folders") in str(e.value)
   assert sorted(p.name for p in user.rglob("*")) == ["fish.JPEG", "n01440764"] and recorder == []
   wd = Workdir(str(tmp_path / "run"))
-  assert stages.data_roots(c, wd) == {k: wd.path("data", k) for k in ("train", "val", "ood")}
+  assert context.data_roots(c, wd) == {k: wd.path("data", k) for k in ("train", "val", "ood")}

@@ -91,12 +91,13 @@ def test_lease_on_an_object_store(tmp_path, caplog):
   assert any("last renewed it" in r.getMessage() and "taking it over" in r.getMessage() for r in caplog.records)
 
 
-# A real run whose first stage waits for a file: `stages.run` with the stage functions replaced.
+# A real run whose first stage waits for a file: `runner.run` with the stage functions replaced.
 HOLDER = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {root!r})
     from configs import demo
-    from synood_jax.pipeline import stages
+    import dataclasses
+    from synood_jax.pipeline import runner, stages
     W = {workdir!r}
     def wait(ctx):
       open(os.path.join(W, "first_started"), "w").close()
@@ -104,9 +105,8 @@ HOLDER = textwrap.dedent("""
         time.sleep(0.05)
       return {{}}
     for name in stages.STAGES:
-      stages.STAGE_FNS[name] = lambda ctx: {{}}
-    stages.STAGE_FNS["models"] = wait
-    stages.run(demo.get_config(), W)
+      stages.BY_NAME[name] = dataclasses.replace(stages.BY_NAME[name], run=wait if name == "models" else lambda ctx: {{}})
+    runner.run(demo.get_config(), W)
 """)
 
 

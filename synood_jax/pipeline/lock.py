@@ -17,7 +17,7 @@ refuse before it writes anything.
   start together the last writer keeps it and the other refuses. That is a best effort, not a proof
   (it assumes each write is visible to the other run within `settle_secs`), and it is documented as such.
 
-Only process 0 of a multi-host job takes it (`stages.run`); the others learn the outcome from it.
+Only process 0 of a multi-host job takes it (`runner.run`); the others learn the outcome from it.
 """
 from __future__ import annotations
 
