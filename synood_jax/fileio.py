@@ -125,7 +125,13 @@ def write_text(target: str | os.PathLike, text: str, *, per_process: bool = Fals
   return atomic_write(target, text, per_process=per_process)
 
 
-def read_json(source: str | os.PathLike) -> Any:
+_REQUIRED = object()
+
+
+def read_json(source: str | os.PathLike, default: Any = _REQUIRED) -> Any:
+  """The JSON at `source`; `default` (e.g. None) where the file does not exist, if one is given."""
+  if default is not _REQUIRED and not exists(source):
+    return default
   return json.loads(epath.Path(source).read_text())
 
 

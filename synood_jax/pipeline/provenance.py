@@ -19,7 +19,6 @@ import hashlib
 import json
 from typing import Any, Mapping, Sequence
 
-from synood_jax import fileio
 from synood_jax.pipeline import code_version
 
 ON_CHANGE = ("rerun", "error")
@@ -126,12 +125,3 @@ def _code_changes(old: Mapping | None, new: Mapping | None) -> list[str]:
     shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
     out.append(f"code changed: {shown}")
   return out or ["code changed"]
-
-
-def read_json(path: str) -> dict | None:
-  return fileio.read_json(path) if fileio.exists(path) else None
-
-
-def write_json(path: str, obj: Mapping) -> None:
-  """Process 0 only (a shared file), replaced atomically."""
-  fileio.write_json(path, obj, indent=1, sort_keys=True)

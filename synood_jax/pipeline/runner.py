@@ -47,7 +47,7 @@ def plan(config, wd: Workdir, names: list[str]) -> tuple[dict, list[Step]]:
   inputs changed."""
   fps = fingerprints(config, code=code_version.current())
   steps, will_be_valid = [], set()
-  done = {name: provenance.read_json(wd.done(name)) for name in stages.STAGES}
+  done = {name: fileio.read_json(wd.done(name), default=None) for name in stages.STAGES}
   for name in stages.STAGES:
     if done[name] is not None and not provenance.changes(done[name].get("provenance"), fps[name]):
       will_be_valid.add(name)
@@ -58,7 +58,7 @@ def plan(config, wd: Workdir, names: list[str]) -> tuple[dict, list[Step]]:
     if done[name] is not None:
       steps.append(Step(name, "rerun", provenance.changes(done[name].get("provenance"), fps[name])))
     else:
-      started = provenance.read_json(wd.started(name))
+      started = fileio.read_json(wd.started(name), default=None)
       partial = any(fileio.exists(p) for p in stages.BY_NAME[name].outputs(wd))
       diff = provenance.changes(started, fps[name]) if (started or partial) else []
       steps.append(Step(name, "rerun", diff) if diff else Step(name, "resume" if started else "run", []))
@@ -99,8 +99,8 @@ def run(config, workdir: str, names=None) -> dict:
     steps = [Step(**step) for step in runtime.gather_json([dataclasses.asdict(st) for st in steps])[0]]
     inputs.validate(config, [s.stage for s in steps if s.action != "skip"])  # before hours of work, not after
     if fileio.is_writer():
-      provenance.write_json(wd.config, {**json.loads(config.to_json_best_effort(sort_keys=True)),
-                                        "code": code_version.summary()})
+      fileio.write_json(wd.config, {**json.loads(config.to_json_best_effort(sort_keys=True)),
+                                    "code": code_version.summary()}, sort_keys=True)
     ctx = RunContext(config, wd)
     infos = {step.stage: _run_stage(ctx, step, fps[step.stage]) for step in steps}
     runtime.barrier("pipeline: finished")
@@ -113,7 +113,7 @@ def _run_stage(ctx: RunContext, step: Step, fp: provenance.Fingerprint) -> dict:
   name, wd = step.stage, ctx.wd
   if step.action == "skip":
     logging.info("stage %s: already done with this config (%s)", name, wd.done(name))
-    return provenance.read_json(wd.done(name))
+    return fileio.read_json(wd.done(name), default=None)
   if step.action == "rerun":
     logging.warning("stage %s: inputs changed since it ran, re-running it (%s)", name, "; ".join(step.changes))
   folders = stages.BY_NAME[name].outputs(wd)
@@ -121,12 +121,12 @@ def _run_stage(ctx: RunContext, step: Step, fp: provenance.Fingerprint) -> dict:
   beside = runtime.agreed(bool(step.action == "rerun" and folders and fileio.exists(wd.done(name))))
   if fileio.is_writer():
     if beside:
-      started = provenance.read_json(wd.started(name)) or {}
+      started = fileio.read_json(wd.started(name), default=None) or {}
       staging.prepare(wd, name, folders, resume=started.get("fingerprint") == fp.value)
     else:
       for path in [wd.done(name), *folders] if step.action == "rerun" else []:
         fileio.remove(path)
-    provenance.write_json(wd.started(name), fp.as_dict())
+    fileio.write_json(wd.started(name), fp.as_dict(), sort_keys=True)
   runtime.barrier(f"stage {name}: start")
   start = time.perf_counter()
   logging.info("stage %s: %s", name, "resuming" if step.action == "resume" else "starting")
@@ -144,6 +144,6 @@ def _run_stage(ctx: RunContext, step: Step, fp: provenance.Fingerprint) -> dict:
     if beside:
       staging.swap(wd, name, folders, info)
     else:
-      provenance.write_json(wd.done(name), info)
+      fileio.write_json(wd.done(name), info, sort_keys=True)
   logging.info("stage %s: done in %.1f s", name, info["seconds"])
   return info

@@ -22,7 +22,6 @@ from typing import Sequence
 from absl import logging
 
 from synood_jax import fileio
-from synood_jax.pipeline import provenance
 from synood_jax.pipeline.workdir import RERUN, Workdir
 
 
@@ -77,7 +76,7 @@ def _finish(wd: Workdir, stage: str) -> None:
     elif fileio.exists(new):  # not yet moved (else a killed swap moved it already)
       fileio.remove(old)
       fileio.path(new).rename(old)
-  provenance.write_json(wd.done(stage), record["done"])
+  fileio.write_json(wd.done(stage), record["done"], sort_keys=True)
   fileio.remove(_record(wd, stage))
 
 
