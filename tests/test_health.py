@@ -17,7 +17,7 @@ import scipy.special
 from PIL import Image
 
 from synood_jax.data import datasets as data
-from synood_jax.pipeline import context, runner, stages
+from synood_jax.pipeline import context, runner, stages, values
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax import parallel
 from synood_jax.synthesis import health, refinement
@@ -149,14 +149,20 @@ def test_all_flagged_run_names_the_cause(tmp_path):
   mon.check(final=True)
 
 
-def test_step_size_inf_run_stops_with_a_clear_error(tmp_path):
+def test_step_size_inf_run_stops_with_a_clear_error(tmp_path, monkeypatch):
   """The reported run: demo config, synthesis.step_size=inf. Before: NaN scores, identical black PNGs,
-  `flagged 0`. Now every image is marked nonfinite (its last finite eps kept) and synthesis stops."""
+  `flagged 0`. Now the pipeline refuses the value before any stage runs; and where it still reaches
+  synthesis (the library's `synthesize` takes what it is given; here the up-front check is switched off),
+  every image is marked nonfinite (its last finite eps kept) and synthesis stops."""
   sys.path.insert(0, ROOT)
   from configs import demo
   c = demo.get_config()
   c.compile_cache_dir = os.environ["SYNOOD_COMPILE_CACHE"]
   c.synthesis.step_size = float("inf")
+  with pytest.raises(values.ConfigValueError, match=r"config.synthesis.step_size=inf: not a finite number"):
+    runner.run(c, str(tmp_path / "refused"), ["models", "data", "sources", "synthesis"])
+  assert not os.path.exists(tmp_path / "refused" / "models")
+  monkeypatch.setattr(values, "validate", lambda config: None)
   with pytest.raises(health.SynthesisHealthError) as e:
     runner.run(c, str(tmp_path), ["models", "data", "sources", "synthesis"])
   msg = str(e.value)
