@@ -7,7 +7,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from synood_jax import fileio, runtime
-from synood_jax.pipeline import report, runner, stages
+from synood_jax.pipeline import run_report, runner, stages
 from synood_jax.pipeline.workdir import Workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Run config file.")
@@ -23,7 +23,7 @@ def main(argv):
     infos = runner.run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
   if "report" in infos and fileio.is_writer():  # the table once, in process 0's log
     wd = Workdir(_WORKDIR.value)
-    print(report.results_section(wd))
+    print(run_report.results_section(wd))
     print(f"Report: {wd.report}")
 
 

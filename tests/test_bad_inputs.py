@@ -14,7 +14,7 @@ from absl import logging as absl_logging
 from PIL import Image
 
 from synood_jax.data import datasets as data, imagenet, loader as data_loader, prepare
-from synood_jax.pipeline import context, stages
+from synood_jax.pipeline import run_context, stages
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax.synthesis import sources, synthesize as synthesis
 
@@ -61,7 +61,7 @@ def test_subset_keeps_imagenet_indices(tmp_path):
   c.data.train_root = str(root)
   c.sources.per_class = 2
   wd = Workdir(str(tmp_path / "run"))
-  ctx = context.RunContext(c, wd)
+  ctx = run_context.RunContext(c, wd)
   info = stages.select_sources(ctx)
   got = {r.class_name: r.class_index for r in sources.read_source_list(wd.sources)}
   assert got == {"n01440764": 0, "n01530575": 10}
@@ -72,7 +72,7 @@ def test_subset_keeps_imagenet_indices(tmp_path):
   _jpeg(str(root / "n01440764_old" / "x.JPEG"), seed=99)
   with pytest.raises(ValueError, match=r"3 class folders for 1000 classes of ImageNet-1k wnids; folder\(s\) not "
                                        r"among them: n01440764_old\. train and val folders must be named by"):
-    stages.select_sources(context.RunContext(c, wd))
+    stages.select_sources(run_context.RunContext(c, wd))
 
 
 def test_class_files(tmp_path):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from synood_jax.data import datasets as data, imagenet as imagenet_classes, loader as data_loader, prepare
 from synood_jax.models import zero_shot
-from synood_jax.ood import evaluation, features, report, sets as eval_sets
+from synood_jax.ood import evaluation, features, results as result_tables, sets as eval_sets
 
 
 def _noise_png(path, rng, color, size=40):
@@ -342,12 +342,12 @@ def test_markdown_table_layout():
                  "inaturalist": dict(fpr95=0.0191, auroc=0.9949, aupr_in=0.9, aupr_out=0.8),
                  "sun": dict(fpr95=0.2053, auroc=0.9549, aupr_in=0.9, aupr_out=0.8),
                  "average": dict(fpr95=0.1122, auroc=0.9749, aupr_in=0.9, aupr_out=0.8)}}}}
-  table = report.metrics_table(results).splitlines()
+  table = result_tables.metrics_table(results).splitlines()
   assert table[0] == ("| Method | iNaturalist FPR95↓ | iNaturalist AUROC↑ | SUN FPR95↓ | SUN AUROC↑ "
                       "| Average FPR95↓ | Average AUROC↑ |")
   assert table[1] == "|:---|:---:|:---:|:---:|:---:|:---:|:---:|"
   assert table[2] == "| NegLabel | 1.91 | 99.49 | 20.53 | 95.49 | 11.22 | 97.49 |"
-  assert "the nice {}" in report.markdown(results) and "imagenet" in report.markdown(results)
+  assert "the nice {}" in result_tables.markdown(results) and "imagenet" in result_tables.markdown(results)
 
 
 def test_tfds_array_record_source(tmp_path):
@@ -402,24 +402,24 @@ def test_partial_sets_are_named_as_such(tmp_path):
                     "sun": {"found": 7, "listed": 8, "expected": 10_000},
                     "near": {"found": 3, "listed": 3, "expected": 3},
                     "mine": {"found": 4, "listed": 4, "expected": None}}
-  assert [report.set_label(k, counts) for k in counts] == ["imagenet_val (50 of 50,000)", "SUN (7 of 10,000)",
+  assert [result_tables.set_label(k, counts) for k in counts] == ["imagenet_val (50 of 50,000)", "SUN (7 of 10,000)",
                                                            "near", "mine"]
   per = {"fpr95": 0.5, "auroc": 0.75, "aupr_in": 0.5, "aupr_out": 0.5}
   results = {"id_set": "imagenet_val", "ood_sets": ["sun", "near", "mine"], "conventions": ["id_positive"],
              "counts": counts, "methods": {"mcm": {"id_positive": {s: per for s in ["sun", "near", "mine", "average"]}}},
              "header": {"id_set": "imagenet_val", "id_count": 50, "ood_counts": {"sun": 7, "near": 3, "mine": 4}}}
-  md = report.markdown(results)
+  md = result_tables.markdown(results)
   assert "| Method | SUN (7 of 10,000) FPR95↓ | SUN (7 of 10,000) AUROC↑ | near FPR95↓" in md
   assert ("- ID set: `imagenet_val` (50 of 50,000 images: **partial**); OOD sets: `sun` (7 of 10,000 images: "
           "**partial**), `near` (3), `mine` (4)") in md
   titles = []
-  orig = report.plot_roc
-  report.plot_roc = lambda i, o, path, title, conv: titles.append(title)
+  orig = result_tables.plot_roc
+  result_tables.plot_roc = lambda i, o, path, title, conv: titles.append(title)
   try:
-    report.write_plots({"mcm": {s: np.arange(4.0) for s in sets}}, "imagenet_val", ["sun"], str(tmp_path),
+    result_tables.write_plots({"mcm": {s: np.arange(4.0) for s in sets}}, "imagenet_val", ["sun"], str(tmp_path),
                        counts=counts)
   finally:
-    report.plot_roc = orig
+    result_tables.plot_roc = orig
   assert titles == ["ROC: imagenet_val (50 of 50,000) vs SUN (7 of 10,000)"]
   # prepare's manifests carry the expected size
   data.write_manifest(sets["near"], str(tmp_path / "near.jsonl"))

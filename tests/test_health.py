@@ -17,7 +17,7 @@ import scipy.special
 from PIL import Image
 
 from synood_jax.data import datasets as data
-from synood_jax.pipeline import context, runner, stages, values
+from synood_jax.pipeline import run_context, runner, stages, values
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax import parallel
 from synood_jax.synthesis import health, refinement
@@ -142,7 +142,7 @@ def test_all_flagged_run_names_the_cause(tmp_path):
   c = demo.get_config()
   c.pseudo.drop_flagged = True                   # the option; off by default (the official procedure)
   with pytest.raises(data.DataError, match="features: no synthetic image .*drop_flagged removed 24 of 24"):
-    stages.encode_features(context.RunContext(c, wd))
+    stages.encode_features(run_context.RunContext(c, wd))
   # synthesis itself never stops on such a run (issue 21; before: it stopped after 8 of 24)
   mon = health.Monitor(_cfg(step_size=10.0), total=24, where="m")
   mon.add(["in_distribution"] * 24)
@@ -232,13 +232,13 @@ def _confident_resnet(logits_images, target_s=-15.0):
 @pytest.fixture(scope="module")
 def confident(tmp_path_factory):
   """Tiny SD-2 in-painting, 12 demo sources, the confident 1000-class ResNet, the paper's config."""
-  from synood_jax.demo import images as demo_images, tiny_sd
-  from synood_jax.diffusion import pipeline
+  from synood_jax.demo import image_sets as demo_images, tiny_sd
+  from synood_jax.diffusion import inpaint_pipeline
   from synood_jax.synthesis import sources, synthesize
   sys.path.insert(0, ROOT)
   from configs import imagenet_vitb16
   root = tmp_path_factory.mktemp("confident")
-  pipe, params = pipeline.load_inpaint_pipeline(tiny_sd.make_tiny_inpaint_pipeline(str(root / "sd")))
+  pipe, params = inpaint_pipeline.load_inpaint_pipeline(tiny_sd.make_tiny_inpaint_pipeline(str(root / "sd")))
   src = str(root / "src")
   demo_images.write_demo_images(src, {"a": ("stripes", 0.1), "b": ("rings", 0.6)}, 6, size=40)
   recs = [vars(r) for r in sources.select_sources(src, per_class=6).records]
@@ -260,7 +260,7 @@ def confident(tmp_path_factory):
 def test_paper_config_completes_on_a_confident_classifier(confident, caplog):
   """Before: every image had s_K < m - band = -7, counted as not ok, and the run stopped after 8 of 12."""
   import logging
-  from synood_jax.pipeline import report
+  from synood_jax.pipeline import run_report
   paper = confident["paper"]
   assert (paper.synthesis.target, paper.synthesis.band, paper.synthesis.max_not_ok) == (-5.0, 2.0, 0.05)
   with caplog.at_level(logging.WARNING):
@@ -279,7 +279,7 @@ def test_paper_config_completes_on_a_confident_classifier(confident, caplog):
   assert [m["source"] for m in kept] == [m["source"] for m in made]
   # the report's picture of where they landed, with -log C and m marked
   wd = Workdir(str(confident["root"] / "report"))
-  lines = report.score_lines(wd, paper.synthesis.to_dict(), {"synthesis": made})
+  lines = run_report.score_lines(wd, paper.synthesis.to_dict(), {"synthesis": made})
   assert os.path.getsize(wd.report_scores) > 1000 and "report_scores.png" in lines[-1]
   assert any("Note: synthesis.target=-5.0 is above" in line for line in lines)
 

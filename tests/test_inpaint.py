@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from synood_jax import parallel  # noqa: E402
-from synood_jax.diffusion import inpaint, pipeline, schedulers  # noqa: E402
+from synood_jax.diffusion import inpaint, inpaint_pipeline, schedulers  # noqa: E402
 from synood_jax.demo import tiny_clip as tiny, tiny_sd  # noqa: E402
 from test_unet_vae import _perturbed  # noqa: E402  (tests/ is on sys.path)
 
@@ -92,12 +92,12 @@ def _ours(pipe, params, inputs, strength=STRENGTH, guidance=GUIDANCE):
 
 @pytest.fixture(scope="module")
 def ours_pndm(folder):
-  return pipeline.load_inpaint_pipeline(folder[0])
+  return inpaint_pipeline.load_inpaint_pipeline(folder[0])
 
 
 @pytest.mark.parametrize("kind", ["pndm", "ddim"])
 def test_sampler_matches_diffusers(folder, inputs, ours_pndm, kind):
-  pipe, params = ours_pndm if kind == "pndm" else pipeline.load_inpaint_pipeline(folder[0], scheduler=kind)
+  pipe, params = ours_pndm if kind == "pndm" else inpaint_pipeline.load_inpaint_pipeline(folder[0], scheduler=kind)
   ref = _torch_latents(folder[1], kind, inputs)
   got = np.asarray(_ours(pipe, params, inputs))
   err = np.abs(got - ref).max()
@@ -131,7 +131,7 @@ def test_sharded_equals_one_device(ours_pndm, inputs):
 
 
 def test_bfloat16_networks_float32_scheduler(folder, ours_pndm, inputs):
-  pipe16, params16 = pipeline.load_inpaint_pipeline(folder[0], dtype=jnp.bfloat16)
+  pipe16, params16 = inpaint_pipeline.load_inpaint_pipeline(folder[0], dtype=jnp.bfloat16)
   assert jax.tree_util.tree_leaves(params16["unet"])[0].dtype == jnp.bfloat16
   got = np.asarray(_ours(pipe16, params16, inputs))
   ref = np.asarray(_ours(*ours_pndm, inputs))
@@ -168,16 +168,16 @@ def test_gradient_through_sampler_and_decoder_under_remat(ours_pndm, inputs):
 def test_pipeline_folder_errors_name_what_is_missing(tmp_path):
   from synood_jax.models.checkpoint_io import CheckpointError
   with pytest.raises(CheckpointError, match="no model_index.json"):
-    pipeline.load_inpaint_pipeline(str(tmp_path))
+    inpaint_pipeline.load_inpaint_pipeline(str(tmp_path))
   (tmp_path / "model_index.json").write_text("{}")
   for sub in ("unet", "vae", "text_encoder", "tokenizer"):
     (tmp_path / sub).mkdir()
   with pytest.raises(CheckpointError, match="missing subfolder 'scheduler'"):
-    pipeline.load_inpaint_pipeline(str(tmp_path))
+    inpaint_pipeline.load_inpaint_pipeline(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------------
-# The one call (pipeline.inpaint / pipe(...)) against StableDiffusionInpaintPipeline.__call__ end to end.
+# The one call (inpaint_pipeline.inpaint / pipe(...)) against StableDiffusionInpaintPipeline.__call__ end to end.
 
 CALL_PROMPTS = ["A photo only remain a green meadow.", "A photo only remain the sky."]
 CALL_NEGATIVE = ["blurry", ""]
@@ -219,7 +219,7 @@ def test_one_call_matches_diffusers_pipeline(folder, call_inputs):
   import weakref
   ref_images = _diffusers_call(folder[1], call_inputs, "np")
   ref_latents = _diffusers_call(folder[1], call_inputs, "latent")
-  pipe, params = pipeline.load_inpaint_pipeline(folder[0])
+  pipe, params = inpaint_pipeline.load_inpaint_pipeline(folder[0])
   images, latents = _call(pipe, params, call_inputs)
   assert images.shape == (2, IMAGE, IMAGE, 3) and images.dtype == jnp.float32
   img_err = np.abs(np.asarray(images) - ref_images).max() / np.abs(ref_images).max()
@@ -239,7 +239,7 @@ def test_one_call_matches_diffusers_pipeline(folder, call_inputs):
 
 
 def test_one_call_sharded_over_mesh_equals_one_device(folder, call_inputs):
-  pipe, params = pipeline.load_inpaint_pipeline(folder[0])
+  pipe, params = inpaint_pipeline.load_inpaint_pipeline(folder[0])
   ref_images, ref_latents = _call(pipe, params, call_inputs)
   mesh = parallel.make_mesh(data=2, fsdp=4)
   images, latents = _call(pipe, parallel.shard_params(params, mesh), call_inputs, mesh=mesh)
@@ -292,7 +292,7 @@ def test_pndm_on_a_folder_saved_with_ddim(folder, tmp_path):
   ddim.save_config(str(dst / "scheduler"))
   with pytest.raises(schedulers.SchedulerConfigError, match="skip_prk_steps"):
     schedulers.make_scheduler(schedulers.load_scheduler_config(str(dst)), "pndm")
-  pipe, _ = pipeline.load_inpaint_pipeline(str(dst), scheduler="pndm")
+  pipe, _ = inpaint_pipeline.load_inpaint_pipeline(str(dst), scheduler="pndm")
   components = {k: v for k, v in ref.components.items() if k != "scheduler"}
   ref_pipe = diffusers.StableDiffusionInpaintPipeline(
       **components, scheduler=diffusers.PNDMScheduler.from_config(ddim.config), requires_safety_checker=False)
@@ -300,9 +300,9 @@ def test_pndm_on_a_folder_saved_with_ddim(folder, tmp_path):
     assert ref_pipe.scheduler.config[key] == value, key
   ref_pipe.scheduler.set_timesteps(STEPS)
   np.testing.assert_array_equal(schedulers.set_timesteps(pipe.scheduler, STEPS), ref_pipe.scheduler.timesteps)
-  over, _ = pipeline.load_inpaint_pipeline(str(dst), scheduler="pndm",
+  over, _ = inpaint_pipeline.load_inpaint_pipeline(str(dst), scheduler="pndm",
                                            scheduler_overrides={"timestep_spacing": "trailing"})
   assert over.scheduler == schedulers.make_scheduler(ddim.config, "pndm", skip_prk_steps=True, steps_offset=1,
                                                      timestep_spacing="trailing")
   with pytest.raises(schedulers.SchedulerConfigError, match="the override"):
-    pipeline.load_inpaint_pipeline(str(dst), scheduler="pndm", scheduler_overrides={"skip_prk_steps": False})
+    inpaint_pipeline.load_inpaint_pipeline(str(dst), scheduler="pndm", scheduler_overrides={"skip_prk_steps": False})

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from synood_jax.pipeline import context, inputs, runner, stages, values
+from synood_jax.pipeline import run_context, inputs, runner, stages, values
 from synood_jax.pipeline.workdir import Workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,4 +266,4 @@ def test_demo_never_writes_into_the_users_folder(tmp_path, recorder, monkeypatch
           "<workdir>/data and never writes into your folders") in str(e.value)
   assert sorted(p.name for p in user.rglob("*")) == ["fish.JPEG", "n01440764"] and recorder == []
   wd = Workdir(str(tmp_path / "run"))
-  assert context.data_roots(c, wd) == {k: wd.path("data", k) for k in ("train", "val", "ood")}
+  assert run_context.data_roots(c, wd) == {k: wd.path("data", k) for k in ("train", "val", "ood")}

@@ -1,11 +1,11 @@
-"""report.md from a workdir's files (no models): it links only plots that exist, says which code made
+"""run_report.md from a workdir's files (no models): it links only plots that exist, says which code made
 the run, counts unreadable sources, and shows NegLabel's settings only with a NegLabel-style row
 (issue 19, cases 2, 4 and 7)."""
 import json
 import os
 
-from synood_jax.ood import report as tables
-from synood_jax.pipeline import report
+from synood_jax.ood import results as tables
+from synood_jax.pipeline import run_report
 from synood_jax.pipeline.workdir import Workdir
 
 
@@ -32,18 +32,18 @@ def _workdir(tmp_path, methods=("mcm", "neglabel", "synood")):
 
 def test_report_links_only_existing_plots(tmp_path):
   wd = _workdir(tmp_path)
-  text = open(report.write_run_report(wd)).read()
+  text = open(run_report.write_run_report(wd)).read()
   assert "## ROC curves" not in text and "plots/" not in text  # eval.plots=False: nothing to link
   os.makedirs(wd.plots)
   for name in ("roc_sun.png", "hist_synood.png"):
     open(os.path.join(wd.plots, name), "wb").close()
-  text = open(report.write_run_report(wd)).read()
+  text = open(run_report.write_run_report(wd)).read()
   assert "![ROC sun](eval/plots/roc_sun.png)" in text and "[SynOOD score histogram](eval/plots/hist_synood.png)" in text
   assert "hist_mcm" not in text
 
 
 def test_report_names_the_code_and_unreadable_sources(tmp_path):
-  text = open(report.write_run_report(_workdir(tmp_path))).read()
+  text = open(run_report.write_run_report(_workdir(tmp_path))).read()
   assert "- Code: synood-jax 0.1.0, sources sha256 feedfacecafe (90 files), git 2112e9a0aa" in text
   assert "1 training image(s) could not be read when the sources were selected and were left out: " \
          "`rings/bad.png` (truncated)." in text

@@ -20,11 +20,11 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from synood_jax.demo import images as demo_data
+from synood_jax.demo import image_sets as demo_data
 from synood_jax.synthesis import guidance, procedure, programs, refinement, sources, synthesize as synthesis
 from synood_jax import parallel
 from synood_jax.models import zero_shot  # noqa: E402
-from synood_jax.diffusion import inpaint, pipeline  # noqa: E402
+from synood_jax.diffusion import inpaint, inpaint_pipeline  # noqa: E402
 from synood_jax.models import clip, resnet
 from synood_jax.demo import tiny_clip as tiny, tiny_sd  # noqa: E402
 from synood_jax.testing.torch_reference import official_loop, random_resnet, torch_preprocess  # noqa: E402
@@ -47,7 +47,7 @@ def world(tmp_path_factory):
   demo_data.write_demo_images(src, {"a": ("stripes", 0.1), "b": ("rings", 0.6)}, N_SOURCES // 2, size=40)
   recs = [vars(r) for r in sources.select_sources(src, per_class=N_SOURCES // 2).records]
   assert len(recs) == N_SOURCES
-  pipe, params = pipeline.load_inpaint_pipeline(sd)
+  pipe, params = inpaint_pipeline.load_inpaint_pipeline(sd)
   bundle = clip.from_pretrained(clip_dir)
   text = zero_shot.class_text_features(bundle, bundle.params, CLASSNAMES, ["a photo of {}"], 8)
   logits_fn, cparams = guidance.clip_zero_shot(bundle, text)
@@ -434,7 +434,7 @@ def official_vs_ours(world, ow, kind):
   tpipe = ow["pipe"]
   tpipe.scheduler = {"pndm": d.PNDMScheduler, "ddim": d.DDIMScheduler}[kind].from_config(tpipe.scheduler.config)
   pipe, params = (world["pipe"], world["params"]) if kind == "pndm" else \
-      pipeline.load_inpaint_pipeline(world["sd"], scheduler=kind)
+      inpaint_pipeline.load_inpaint_pipeline(world["sd"], scheduler=kind)
   K, r, m, b = OFFICIAL["iterations"], OFFICIAL["step_size"], OFFICIAL["target"], OFFICIAL["batch"]
   threads = torch.get_num_threads()
   torch.set_num_threads(1)  # the official loop amplifies float noise; one thread keeps it reproducible

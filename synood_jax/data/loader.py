@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from absl import logging
 
+from synood_jax import parallel
 from synood_jax.data.datasets import Dataset, DataError
 
 
@@ -45,7 +46,7 @@ class ImageLoader:
     self.failures: list[Failure] = []
 
   def __len__(self) -> int:
-    return -(-len(self.dataset) // self.batch_size)
+    return parallel.ceil_div(len(self.dataset), self.batch_size)
 
   def _one(self, index: int):
     try:

@@ -37,7 +37,7 @@ from synood_jax import fileio, parallel
 from synood_jax.data import datasets as data, imagenet as imagenet_classes
 from synood_jax.labels.encoded import Negatives, encode_negatives
 from synood_jax.models import clip as clip_lib, zero_shot
-from synood_jax.ood import metrics, report, scores as ood_scores
+from synood_jax.ood import metrics, results as result_tables, scores as ood_scores
 from synood_jax.ood.features import Features, dtype_name, encode_set, make_preprocess
 from synood_jax.ood.sets import load_sets, parse_sets, set_counts
 
@@ -169,7 +169,7 @@ def evaluate(workdir: str, sets: Mapping[str, data.Dataset | Features], id_set: 
     _write_results(workdir, results, all_scores, {
         **{f"id_text/{m}": t for m, t in texts.items()},
         "neg_text": np.zeros((0, 0), np.float32) if negatives is None else negatives.features}, options.plots)
-  logging.info("results:\n%s", report.metrics_table(results, results["conventions"][0]))
+  logging.info("results:\n%s", result_tables.metrics_table(results, results["conventions"][0]))
   return results
 
 
@@ -177,13 +177,13 @@ def _write_results(workdir: str, results: dict, all_scores: Mapping, text: Mappi
                    plots: bool) -> None:
   """results.json, results.md, scores.npz, text_features.npz and the plots (process 0)."""
   fileio.write_json(os.path.join(workdir, "results.json"), results)
-  report.write_markdown(results, os.path.join(workdir, "results.md"))
+  result_tables.write_markdown(results, os.path.join(workdir, "results.md"))
   flat = {f"{m}/{s}": v for m, by_set in all_scores.items() for s, v in by_set.items()}
   fileio.atomic_write(os.path.join(workdir, "scores.npz"), lambda f: np.savez(f, **flat))
   fileio.atomic_write(os.path.join(workdir, "text_features.npz"), lambda f: np.savez(f, **text))
   if plots:
-    report.write_plots(all_scores, results["id_set"], results["ood_sets"], os.path.join(workdir, "plots"),
-                       counts=results["counts"])
+    result_tables.write_plots(all_scores, results["id_set"], results["ood_sets"], os.path.join(workdir, "plots"),
+                              counts=results["counts"])
 
 
 def _id_text(clip, params, names, templates: Mapping[str, list[str]], given: dict, batch_size: int,

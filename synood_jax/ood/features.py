@@ -123,7 +123,7 @@ def encode_process_slices(bundle, params, dataset: data.Dataset, preprocess: Cal
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   batch_size = parallel.round_up(batch_size, parallel.batch_size_multiple(mesh))  # equal rows per device
-  local, n_batches = batch_size // jax.process_count(), -(-len(dataset) // batch_size)
+  local, n_batches = batch_size // jax.process_count(), parallel.ceil_div(len(dataset), batch_size)
   mine = process_records(len(dataset), batch_size)
   loader = loader_lib.ImageLoader(dataclasses.replace(dataset, records=[dataset.records[i] for i in mine]), local,
                             preprocess, num_threads=num_threads)

@@ -10,7 +10,7 @@ import os
 from typing import Iterable
 
 from synood_jax.data import imagenet
-from synood_jax.diffusion import pipeline as sd_pipeline
+from synood_jax.diffusion import inpaint_pipeline as sd_pipeline
 from synood_jax.models import checkpoint_io, clip
 from synood_jax.ood import evaluation
 

@@ -23,7 +23,7 @@ from absl import logging
 
 from synood_jax import fileio, runtime
 from synood_jax.pipeline import code_version, inputs, lock, provenance, stages, staging, values
-from synood_jax.pipeline.context import RunContext
+from synood_jax.pipeline.run_context import RunContext
 from synood_jax.pipeline.workdir import Workdir
 
 

@@ -21,12 +21,12 @@ from flax import traverse_util
 
 from synood_jax import fileio
 from synood_jax.data import datasets as data
-from synood_jax.demo import images as demo_data
+from synood_jax.demo import image_sets as demo_data
 from synood_jax.labels import negative_labels as nl
 from synood_jax.models import zero_shot
 from synood_jax.ood import evaluation
 from synood_jax.pipeline import code_version, export
-from synood_jax.pipeline.context import RunContext, data_roots, model_paths
+from synood_jax.pipeline.run_context import RunContext, data_roots, model_paths
 from synood_jax.pipeline.workdir import Workdir
 from synood_jax.synthesis import context_prompts, health, procedure, sources, synthesize as synthesis
 from synood_jax.synthesis import manifest as synthesis_manifest
@@ -166,7 +166,7 @@ def encode_features(ctx: RunContext) -> dict:
   distinct = np.unique(mined)
   if fileio.is_writer():
     nl.write_pseudo_labels(ctx.wd.pseudo_labels, [m["output"] for m in manifest], mined,
-                           ctx.negatives.labels.labels)
+                           ctx.negatives.words)
     _save_npz(ctx.wd.features, id_features=id_feats,
               id_labels=np.asarray([r["class_index"] for r in src], np.int32), syn_features=syn_feats,
               syn_negative=mined.astype(np.int32), distinct=distinct.astype(np.int32))
@@ -216,7 +216,7 @@ def tuned_model(ctx: RunContext) -> export.TunedModel:
   negatives = ctx.negatives.features.copy()
   negatives[_features(ctx)["distinct"]] = np.asarray(zero_shot.l2_normalize(tuned))
   e, s2 = ctx.config.eval, ctx.config.stage2
-  return export.TunedModel(ctx.clip, params, ctx.id_text, negatives, list(ctx.negatives.labels.labels),
+  return export.TunedModel(ctx.clip, params, ctx.id_text, negatives, ctx.negatives.words,
                            list(ctx.classnames), groups=int(e.groups), temperature=float(e.temperature),
                            seed=int(e.seed), layernorm_eps=float(s2.layernorm_eps),
                            normalize_inputs=bool(s2.normalize_inputs), templates=tuple(ctx.templates))
@@ -256,10 +256,10 @@ def evaluate(ctx: RunContext) -> dict:
 
 def write_report(ctx: RunContext) -> dict:
   """A Markdown report: the results table, source vs synthetic images, ROC curves."""
-  from synood_jax.pipeline import report
+  from synood_jax.pipeline import run_report
   if not fileio.is_writer():
     return {"report": ctx.wd.report}
-  return {"report": report.write_run_report(ctx.wd)}
+  return {"report": run_report.write_run_report(ctx.wd)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def epoch_lr(config, epoch: int) -> float:
 # Data order: step -> (epoch, position) -> rows
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-  return -(-num_examples // batch_size)
+  return parallel.ceil_div(num_examples, batch_size)
 
 
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from synood_jax import fileio
-from synood_jax.ood.report import (markdown, plot_boundary_scores, plot_loss_curves, pretty, set_label,
+from synood_jax.ood.results import (markdown, plot_boundary_scores, plot_loss_curves, pretty, set_label,
                                    write_image_grid)
 from synood_jax.pipeline import code_version
 from synood_jax.pipeline.workdir import Workdir

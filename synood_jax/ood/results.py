@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from synood_jax import decode, fileio
+from synood_jax import decode, fileio, parallel
 from synood_jax.ood import metrics
 
 PRETTY = {"inaturalist": "iNaturalist", "sun": "SUN", "places": "Places", "textures": "Textures",
@@ -204,7 +204,7 @@ def write_image_grid(pairs: Sequence[tuple[str, str]], path: str, size: int = 96
   from PIL import Image, ImageDraw
   n = len(pairs)
   cols = max(1, min(per_row, n))
-  rows = max(1, -(-n // cols))
+  rows = max(1, parallel.ceil_div(n, cols))
   strip = 14 if captions else 0
   gap = 6
   cell_w, cell_h = 2 * size + gap, size + strip + gap

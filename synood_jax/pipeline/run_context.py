@@ -11,7 +11,7 @@ import numpy as np
 
 from synood_jax import parallel
 from synood_jax.data import imagenet as imagenet_classes
-from synood_jax.diffusion import pipeline as inpaint_pipeline
+from synood_jax.diffusion import inpaint_pipeline as inpaint_pipeline
 from synood_jax.models import clip as clip_lib, zero_shot
 from synood_jax.ood import evaluation
 from synood_jax.pipeline.workdir import Workdir
