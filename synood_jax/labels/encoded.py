@@ -21,11 +21,11 @@ class Negatives:
   provenance: dict            # where the labels came from (`negative_labels.load_or_mine`)
 
   @property
-  @property
   def words(self) -> list[str]:
     """The negative labels themselves, in feature-row order."""
     return list(self.labels.labels)
 
+  @property
   def description(self) -> str:
     p, n = self.provenance, len(self.labels)
     if p.get("label_list"):
