@@ -19,6 +19,8 @@ sys.path.insert(0, ROOT)  # this checkout's synood_jax before an installed one
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
+flags.disclaim_key_flags()  # the flags the helpers below define belong to the script that calls them
+
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
