@@ -22,21 +22,22 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402,F401  (puts the repository root on sys.path)
+import timing  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax.training import train_state  # noqa: E402
 
-from synood_jax.train import loop, projection
-
-from synood_jax import config as config_lib
+from synood_jax import config as config_lib  # noqa: E402
 from synood_jax import parallel  # noqa: E402
-from synood_jax.models import clip
 from synood_jax.demo import tiny_clip as tiny  # noqa: E402
+from synood_jax.models import clip  # noqa: E402
+from synood_jax.train import loop, projection  # noqa: E402
 
 flags.DEFINE_string("clip", "", "a HF CLIP folder; empty: make a random tiny one (sizes below)")
 flags.DEFINE_integer("vision_layers", 4, "tiny CLIP: vision transformer layers")
@@ -70,21 +71,11 @@ def _batches(n: int, bs: int, seed: int):
 
 
 def _jax_epoch(step, state, batches, make_args):
-  t0 = time.perf_counter()
+  """(state, last metrics) after one epoch; time it with jax.block_until_ready as the sync."""
   metrics = None
   for idx, mask in batches:
     state, metrics = step(state, *make_args(idx, mask))
-  jax.block_until_ready((state, metrics))
-  return state, time.perf_counter() - t0
-
-
-def _best(run):
-  """(result of the last run, best time) over FLAGS.repeats runs of `run() -> (result, seconds)`."""
-  times = []
-  for _ in range(FLAGS.repeats):
-    result, t = run()
-    times.append(t)
-  return result, min(times)
+  return state, metrics
 
 
 def main(argv):
@@ -146,22 +137,27 @@ def main(argv):
   jax.block_until_ready(encode(clip_params, parallel.global_batch(padded[:bs], mesh)))
 
   def build():
-    t0 = time.perf_counter()
     feats = [encode(clip_params, parallel.global_batch(padded[i:i + bs], mesh))
              for i in range(0, len(padded), bs)]
-    out = np.concatenate([parallel.to_host(f) for f in feats])[:n]
-    return out, time.perf_counter() - t0
-  runs = [build() for _ in range(FLAGS.repeats)]
-  features, t_build = runs[0][0], min(t for _, t in runs)
+    return np.concatenate([parallel.to_host(f) for f in feats])[:n]
+  runs = timing.repeated(build, FLAGS.repeats)
+  features, t_build = runs.result, runs.best
 
   cached_args = lambda idx, m: (consts, parallel.global_batch(  # noqa: E731
       {"x": features[idx], "y": labels[idx], "mask": m}, mesh))
   encoding_args = lambda idx, m: (clip_params, consts, parallel.global_batch(  # noqa: E731
       {"images": images[idx], "y": labels[idx], "mask": m}, mesh))
-  _jax_epoch(cached_step, fresh_state(), batches[:1], cached_args)      # compile
-  _jax_epoch(encoding_step, fresh_state(), batches[:1], encoding_args)  # compile
-  s_cached, t_cached = _best(lambda: _jax_epoch(cached_step, fresh_state(), batches, cached_args))
-  s_encoding, t_encoding = _best(lambda: _jax_epoch(encoding_step, fresh_state(), batches, encoding_args))
+  jax.block_until_ready(_jax_epoch(cached_step, fresh_state(), batches[:1], cached_args))  # compile
+  jax.block_until_ready(_jax_epoch(encoding_step, fresh_state(), batches[:1], encoding_args))  # compile
+
+  def epochs(step, make_args):
+    """(state after the last epoch, best seconds), each epoch from a fresh state made outside the timing."""
+    runs = timing.repeated(lambda state: _jax_epoch(step, state, batches, make_args), FLAGS.repeats,
+                           jax.block_until_ready, setup=lambda: jax.block_until_ready(fresh_state()))
+    return runs.result[0], runs.best
+
+  s_cached, t_cached = epochs(cached_step, cached_args)
+  s_encoding, t_encoding = epochs(encoding_step, encoding_args)
   diff = max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree_util.tree_leaves(parallel.to_host(s_cached.params)),
       jax.tree_util.tree_leaves(parallel.to_host(s_encoding.params))))
@@ -207,26 +203,27 @@ def _torch_reference(features, images, labels, text, batches, config, params0, t
   # 128x64 matmul 15 ms with 2 threads vs 0.02 ms with 1): each torch timing is its best over thread counts.
   thread_counts = sorted({1, torch.get_num_threads()})
 
-  def best_over_threads(epoch):
+  def best_over_threads(features_of):
+    """(best seconds, its thread count) of an epoch, each from a fresh projection and optimizer that took
+    one warm-up step (untimed)."""
+    def setup():
+      proj, opt = make()
+      step(proj, opt, features_of(rows[0]), yt[rows[0]])  # warm-up
+      return make()
+
+    def epoch(proj_opt):
+      for r in rows:
+        step(*proj_opt, features_of(r), yt[r])
     best = (float("inf"), 0)
     for nt in thread_counts:
       torch.set_num_threads(nt)
-      for _ in range(FLAGS.repeats):
-        best = min(best, (epoch(), nt))
+      best = min(best, (timing.repeated(epoch, FLAGS.repeats, setup=setup).best, nt))
     return best
 
   rows = [torch.from_numpy(idx[m > 0]) for idx, m in batches]
   ft = torch.from_numpy(features)
 
-  def cached_epoch():
-    proj, opt = make()
-    step(proj, opt, ft[rows[0]], yt[rows[0]])  # warm-up
-    proj, opt = make()
-    t0 = time.perf_counter()
-    for r in rows:
-      step(proj, opt, ft[r], yt[r])
-    return time.perf_counter() - t0
-  t_torch, nt = best_over_threads(cached_epoch)
+  t_torch, nt = best_over_threads(lambda r: ft[r])
   print(f"  PyTorch epoch, cached features:             {t_torch:8.3f} s  "
         f"({nt} thread{'s' * (nt > 1)}; torch / JAX cached: {t_torch / t_cached:.2f} x)")
 
@@ -242,15 +239,7 @@ def _torch_reference(features, images, labels, text, batches, config, params0, t
     with torch.no_grad():
       return model.visual_projection(model.vision_model(pixel_values=x).pooler_output).float()
 
-  def official_epoch():
-    proj, opt = make()
-    step(proj, opt, encode(it[rows[0]]), yt[rows[0]])  # warm-up
-    proj, opt = make()
-    t0 = time.perf_counter()
-    for r in rows:
-      step(proj, opt, encode(it[r]), yt[r])
-    return time.perf_counter() - t0
-  t_official, nt = best_over_threads(official_epoch)
+  t_official, nt = best_over_threads(lambda r: encode(it[r]))
   print(f"  PyTorch epoch, official (encode per batch): {t_official:8.3f} s  "
         f"({nt} thread{'s' * (nt > 1)}; official / JAX cached: {t_official / t_cached:.2f} x; "
         f"over {e} epochs incl. cache build: {e * t_official / (t_build + e * t_cached):.2f} x)")

@@ -16,15 +16,19 @@ import tempfile
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch threads spin-wait otherwise (see dependencies.md)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # noqa: E402  (puts the repository root on sys.path; defines --repeats)
-from common import FLAGS  # noqa: E402
+import common  # noqa: E402,F401  (puts the repository root on sys.path)
+import timing  # noqa: E402
+import torch_pipeline as tp  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from synood_jax.models import diffusion_layers  # noqa: E402
+
+flags.DEFINE_integer("repeats", 2, "warm timed calls per variant (median reported)")
+FLAGS = flags.FLAGS
 
 SHAPES = ((2, 64, 64, 320, 32), (2, 32, 32, 640, 32), (1, 256, 256, 128, 32), (1, 128, 128, 256, 32))
 
@@ -68,8 +72,8 @@ def group_norm_table():
     t_const = torch.from_numpy(np.ascontiguousarray(const.transpose(0, 3, 1, 2)))
     sides = {k: (lambda f=f: f(rand, g), block) for k, f in fns.items()}
     sides["torch"] = (lambda: torch.nn.functional.group_norm(t_rand, g, eps=1e-6), None)
-    res = common.first_and_warm(sides, FLAGS.repeats)
-    for name, (_, _, warm, _) in res.items():
+    res = timing.interleaved(sides, FLAGS.repeats)
+    for name, runs in res.items():
       if name == "torch":
         outs = [torch.nn.functional.group_norm(t, g, eps=1e-6).numpy().transpose(0, 2, 3, 1)
                 for t in (t_rand, t_const)]
@@ -77,7 +81,7 @@ def group_norm_table():
         outs = [np.asarray(fns[name](x, g)) for x in (rand, const)]
       errs = [np.abs(o - r).max() for o, r in zip(outs, refs)]
       print(f"{str((b, h, w, c)) + ' ' + str(g):34s} {name:10s} {errs[0]:11.2e} {errs[1]:10.2e} "
-            f"{warm * 1e3:8.2f}")
+            f"{runs.median * 1e3:8.2f}")
 
 
 def model_table():
@@ -90,14 +94,14 @@ def model_table():
   folder = os.path.join(tempfile.mkdtemp(), "vae")
   torch.manual_seed(5)
   public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}
-  model = common._perturbed(diffusers.AutoencoderKL(**public(vae.TINY_VAE_CONFIG)), 5)
+  model = tp.perturbed(diffusers.AutoencoderKL(**public(vae.TINY_VAE_CONFIG)), 5)
   model.save_pretrained(folder)
   vmod, vparams = vae.load(folder)
   zeros = np.zeros((4, 32, 32, 3), np.float32)
   with torch.no_grad():
     ref = model.double().encode(torch.zeros(4, 3, 32, 32, dtype=torch.float64)).latent_dist.mean
   ref = ref.numpy().transpose(0, 2, 3, 1)
-  ucfg = common.unet_config([32, 64, 128], 1, 8, 64, 32)  # the in-painting benchmark's UNet
+  ucfg = tp.unet_config([32, 64, 128], 1, 8, 64, 32)  # the in-painting benchmark's UNet
   umod = unet.build(ucfg)
   uparams = unet.init_params(ucfg, jax.random.key(0))
   rng = np.random.default_rng(1)
@@ -113,20 +117,20 @@ def model_table():
     sides[f"vae {name}"] = (lambda enc=enc: enc(vparams, zeros), block)
     sides[f"unet {name}"] = (lambda call=call: call(uparams, x, ctx), block)
   diffusion_layers.group_mean = original
-  res = common.first_and_warm(sides, FLAGS.repeats)  # warm calls interleaved
+  res = timing.interleaved(sides, FLAGS.repeats)
   print(f"\n{'model':34s} {'variant':10s} {'rel err f64':>11s} {'ms/call':>8s}")
   for name in ("one-stage", "two-stage"):
-    err = np.abs(np.asarray(res[f"vae {name}"][0]) - ref).max() / np.abs(ref).max()
-    print(f"{'tiny VAE encode, zeros, 4x32px':34s} {name:10s} {err:11.2e} {res[f'vae {name}'][2] * 1e3:8.2f}")
+    err = np.abs(np.asarray(res[f"vae {name}"].result) - ref).max() / np.abs(ref).max()
+    print(f"{'tiny VAE encode, zeros, 4x32px':34s} {name:10s} {err:11.2e} {res[f'vae {name}'].median * 1e3:8.2f}")
   for name in ("one-stage", "two-stage"):
-    print(f"{'UNet (32,64,128), 2x32x32 latents':34s} {name:10s} {'':11s} {res[f'unet {name}'][2] * 1e3:8.2f}")
+    print(f"{'UNet (32,64,128), 2x32x32 latents':34s} {name:10s} {'':11s} {res[f'unet {name}'].median * 1e3:8.2f}")
 
 
 def main(_):
-  print(f"JAX {jax.__version__} on {jax.devices()[0].platform}; load average {os.getloadavg()[0]:.2f}")
+  print(f"JAX {jax.__version__} on {jax.devices()[0].platform}; load average {timing.load_average():.2f}")
   group_norm_table()
   model_table()
-  print(f"load average {os.getloadavg()[0]:.2f}")
+  print(f"load average {timing.load_average():.2f}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (also puts the repository root on sys.path)
-from common import FLAGS  # noqa: E402
+import timing  # noqa: E402
+import torch_pipeline as tp  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -33,7 +34,13 @@ from absl import app, flags  # noqa: E402
 
 from synood_jax.diffusion import inpaint, pipeline, schedulers  # noqa: E402
 
+common.define_model_flags()
+common.define_procedure_flags(refinement=False)
+flags.DEFINE_integer("repeats", 2, "warm timed calls per side (median reported)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "our networks' dtype (latents, scheduler stay fp32)")
+flags.DEFINE_enum("torch_dtype", "float32", tp.TORCH_DTYPES, "diffusers' dtype (float16/bfloat16 are for a GPU)")
 flags.DEFINE_bool("decode", False, "also VAE-decode the latents to images on both sides (output_type='pt')")
+FLAGS = flags.FLAGS
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -53,11 +60,12 @@ def main(argv):
   del argv
   import torch
 
+  sizes, proc = common.model_sizes(), common.procedure()
   tmp = tempfile.mkdtemp(prefix="inpaint_bench_")
-  folder, image = common.make_torch_pipeline(tmp)
-  B, L, steps = FLAGS.batch, FLAGS.latent_size, FLAGS.steps
-  dev = common.torch_device()
-  tpipe = common.load_torch_pipeline(folder)
+  folder, image = tp.make_torch_pipeline(tmp, sizes)
+  B, L, steps = proc.batch, sizes.latent_size, proc.steps
+  dev = tp.torch_device()
+  tpipe = tp.load_torch_pipeline(folder, FLAGS.torch_dtype)
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
   pipe, params = pipeline.load_inpaint_pipeline(folder, dtype=dtype)
   params = jax.device_put(params)
@@ -70,17 +78,17 @@ def main(argv):
 
   # The common starting latents, from diffusers' own scheduler (both sides then start identically).
   tpipe.scheduler.set_timesteps(steps)
-  ts, _ = tpipe.get_timesteps(steps, FLAGS.strength, "cpu")
-  z_t = tpipe.scheduler.add_noise(common.nchw(z_in), common.nchw(eps), ts[:1].repeat(B))
+  ts, _ = tpipe.get_timesteps(steps, proc.strength, "cpu")
+  z_t = tpipe.scheduler.add_noise(tp.nchw(z_in), tp.nchw(eps), ts[:1].repeat(B))
   ours_z_t = schedulers.add_noise(pipe.scheduler, jnp.asarray(z_in), jnp.asarray(eps),
                                   jnp.full((B,), int(ts[0])))
-  zt_diff = float(np.abs(np.asarray(ours_z_t) - common.nhwc(z_t)).max())
+  zt_diff = float(np.abs(np.asarray(ours_z_t) - tp.nhwc(z_t)).max())
 
-  tdt = common.torch_dtype()
+  tdt = tp.torch_dtype(FLAGS.torch_dtype)
   t_args = dict(prompt=text, image=torch.zeros(B, 3, image, image, device=dev, dtype=tdt),
                 mask_image=torch.ones(B, 1, image, image, device=dev, dtype=tdt),
-                masked_image_latents=common.nchw(masked).to(dev, tdt), latents=z_t.to(dev, tdt),
-                strength=FLAGS.strength, num_inference_steps=steps, guidance_scale=FLAGS.guidance,
+                masked_image_latents=tp.nchw(masked).to(dev, tdt), latents=z_t.to(dev, tdt),
+                strength=proc.strength, num_inference_steps=steps, guidance_scale=proc.guidance,
                 output_type="pt" if FLAGS.decode else "latent", height=image, width=image)
 
   def run_torch():
@@ -88,42 +96,41 @@ def main(argv):
       return tpipe(**t_args).images
 
   ids, neg = jnp.asarray(pipe.tokenize(text)), jnp.asarray(pipe.tokenize([""]))
-  first = jnp.int32(inpaint.start_index(pipe.scheduler, steps, FLAGS.strength))
+  first = jnp.int32(inpaint.start_index(pipe.scheduler, steps, proc.strength))
   args = (params, jnp.asarray(z_t.numpy().transpose(0, 2, 3, 1)), ids, neg, jnp.asarray(masked), first,
-          jnp.float32(FLAGS.guidance))
+          jnp.float32(proc.guidance))
 
   def run_ours():
     return _ours(pipe, steps, FLAGS.decode, *args)
 
-  res = common.first_and_warm({"diffusers": (run_torch, lambda _: common.sync(dev)),
-                               "ours": (run_ours, jax.block_until_ready)}, FLAGS.repeats)
-  t_out, t_first, t_warm, t_all, t_loads = res["diffusers"]
-  o_out, o_first, o_warm, o_all, o_loads = res["ours"]
+  res = timing.interleaved({"diffusers": (run_torch, lambda _: tp.sync(dev)),
+                            "ours": (run_ours, jax.block_until_ready)}, FLAGS.repeats)
+  theirs, mine = res["diffusers"], res["ours"]
 
-  ref = common.nhwc(t_out)
-  got = np.asarray(o_out, np.float32)
+  ref = tp.nhwc(theirs.result)
+  got = np.asarray(mine.result, np.float32)
   err = float(np.abs(got - ref).max())
   kept = len(ts)
   what = "images" if FLAGS.decode else "latents"
 
-  print(f"inpaint_vs_diffusers: {common.config_line(image)}")
-  print(f"  batch {B}, {steps} steps x strength {FLAGS.strength} = {kept} scheduler steps "
-        f"(CFG: UNet batch {2 * B}), guidance {FLAGS.guidance}, output {what}; ours {FLAGS.dtype}")
-  print("\n".join(common.device_lines()))
+  print(f"inpaint_vs_diffusers: {common.config_line(sizes, image)}")
+  print(f"  batch {B}, {steps} steps x strength {proc.strength} = {kept} scheduler steps "
+        f"(CFG: UNet batch {2 * B}), guidance {proc.guidance}, output {what}; ours {FLAGS.dtype}")
+  print("\n".join(common.device_lines(FLAGS.torch_dtype)))
   print(f"  {'':12s} {'first call s':>13s} {'warm median s':>14s} {'images/s':>10s}   warm runs")
-  for name, first_s, warm_s, all_s in (("diffusers", t_first, t_warm, t_all), ("ours", o_first, o_warm, o_all)):
-    print(f"  {name:12s} {first_s:13.3f} {warm_s:14.3f} {B / warm_s:10.2f}   "
-          + " ".join(f"{t:.3f}" for t in all_s))
-  print(f"  our compile time (first call - warm median): {o_first - o_warm:.2f} s")
-  print(f"  ratio ours/diffusers (images/s, warm):       {t_warm / o_warm:.2f} x")
-  print(f"  ratio incl. our compile, over {FLAGS.repeats + 1} calls:      "
-        f"{(t_first + sum(t_all)) / (o_first + sum(o_all)):.2f} x")
+  for name, runs in res.items():
+    print(f"  {name:12s} {runs.first.seconds:13.3f} {runs.median:14.3f} {B / runs.median:10.2f}   "
+          + " ".join(f"{t.seconds:.3f}" for t in runs.warm))
+  print(f"  our compile time (first call - warm median): {mine.first.seconds - mine.median:.2f} s")
+  print(f"  ratio ours/diffusers (images/s, warm):       {theirs.median / mine.median:.2f} x")
+  total = lambda runs: sum(t.seconds for t in runs.all)  # noqa: E731
+  print(f"  ratio incl. our compile, over {FLAGS.repeats + 1} calls:      {total(theirs) / total(mine):.2f} x")
   print(f"  max |ours - diffusers| {what}: {err:.2e} (scale {np.abs(ref).max():.2f}); "
         f"start latents z_t: {zt_diff:.1e}")
-  loads = [t_loads["first"], o_loads["first"], *t_loads["warm"], *o_loads["warm"]]
-  print(f"  1-minute load average during the timings: {min(l for l, _ in loads):.2f} - "
-        f"{max(l for l, _ in loads):.2f}; other processes' cores: {max(o for _, o in loads):.2f} at most")
-  warning = common.load_warning([o for _, o in loads])
+  timings = theirs.all + mine.all
+  print(f"  1-minute load average during the timings: {min(t.load for t in timings):.2f} - "
+        f"{max(t.load for t in timings):.2f}; other processes' cores: {max(t.other for t in timings):.2f} at most")
+  warning = timing.load_warning(timings)
   if warning:
     print(warning)
 

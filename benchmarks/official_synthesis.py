@@ -11,70 +11,69 @@ L = mean((m - s)^2), backward (parameters keep requires_grad, as in the official
 the last update included.
 
 Run as a script it is the official side of `synthesis_vs_reference.py --cold`: one batch in a fresh
-process, timed, its breakdown printed as JSON.
+process, timed, its breakdown printed as JSON. Its flags are defined under `__main__`, so that importing
+`Official` defines none.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch's OpenMP starts: before any import of it
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # noqa: E402  (also puts the repository root and tests/ on sys.path)
-from common import FLAGS  # noqa: E402
+import common  # noqa: E402  (puts the repository root on sys.path)
+import timing  # noqa: E402
+import torch_pipeline as tp  # noqa: E402
 
-from absl import app  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 
 class Official:
-  """The official procedure on a saved pipeline folder and ResNet-50 state dict."""
+  """The official procedure on a saved pipeline folder and ResNet-50 state dict, in torch dtype `dtype`."""
 
-  def __init__(self, folder: str, resnet_path: str):
+  def __init__(self, folder: str, resnet_path: str, proc: common.Procedure, dtype: str = "float32"):
     import torch
     from synood_jax.testing.torch_reference import official_loop, random_resnet  # pylint: disable=import-outside-toplevel
-    self.torch, self.loop, self.dev, self.dtype = torch, official_loop, common.torch_device(), common.torch_dtype()
-    self.pipe = common.load_torch_pipeline(folder)
+    self.torch, self.loop, self.proc = torch, official_loop, proc
+    self.dev, self.dtype = tp.torch_device(), tp.torch_dtype(dtype)
+    self.pipe = tp.load_torch_pipeline(folder, dtype)
     model = random_resnet((3, 4, 6, 3), 64, 1000, seed=0)
     model.load_state_dict(torch.load(resnet_path, map_location="cpu", weights_only=True))
     self.model = model.to(self.dev, self.dtype).eval()
 
   def run(self, sources, prompts, seed: int = 0):
     """(last iteration's images NCHW, scores [K, B]) of one batch."""
-    torch = self.torch
-    x = common.nchw(sources).to(self.dev, self.dtype)
+    torch, p = self.torch, self.proc
+    x = tp.nchw(sources).to(self.dev, self.dtype)
     b, _, h, w = x.shape
     gen = torch.Generator(device=self.dev).manual_seed(seed)
     with torch.no_grad():
       z_in = self.pipe.vae.encode(x).latent_dist.sample(gen) * self.pipe.vae.config.scaling_factor
       eps = torch.randn(z_in.shape, generator=gen, device=self.dev, dtype=self.dtype)
     masked_pixels = torch.zeros(b, 3, h, w, device=self.dev, dtype=self.dtype)  # encoded by the pipeline
-    rows = self.loop(self.pipe, self.model, z_in, eps, masked_pixels, prompts, FLAGS.iterations, FLAGS.step_size,
-                     FLAGS.target, steps=FLAGS.steps, strength=FLAGS.strength, guidance=FLAGS.guidance)
-    common.sync(self.dev)
+    rows = self.loop(self.pipe, self.model, z_in, eps, masked_pixels, prompts, p.iterations, p.step_size,
+                     p.target, steps=p.steps, strength=p.strength, guidance=p.guidance)
+    tp.sync(self.dev)
     return rows[-1]["images"].float().cpu().numpy(), torch.stack([r["scores"] for r in rows]).float().cpu().numpy()
-
-
-def build(root: str, sd2: bool = False):
-  """(pipeline folder, image size, ResNet-50 path): random models saved for both sides."""
-  folder, image = common.make_torch_pipeline(root, sd2=sd2)
-  resnet_path = os.path.join(root, "resnet50.pth")
-  common.random_resnet50(resnet_path)
-  return folder, image, resnet_path
 
 
 def main(argv):
   """One batch in this (fresh) process: loading, then the run; prints the breakdown as JSON."""
   del argv
-  start = time.perf_counter()
-  sources, prompts = common.synthesis_inputs(FLAGS.batch, common.image_size())
-  official = Official(FLAGS.folder, FLAGS.resnet)
-  loaded = time.perf_counter()
-  official.run(sources, prompts)
-  print(json.dumps({"load_s": loaded - start, "args_s": 0.0, "run_s": time.perf_counter() - loaded}))
+  f = flags.FLAGS
+  proc = common.procedure()
+  sources, prompts = common.synthesis_inputs(proc.batch, f.image)
+  loaded = timing.timed(lambda: Official(f.folder, f.resnet, proc, f.torch_dtype))
+  ran = timing.timed(lambda: loaded.result.run(sources, prompts))
+  print(json.dumps({"load_s": loaded.seconds, "args_s": 0.0, "run_s": ran.seconds}))
 
 
 if __name__ == "__main__":
+  common.define_procedure_flags()
+  flags.DEFINE_string("folder", "", "the pipeline folder")
+  flags.DEFINE_string("resnet", "", "the ResNet-50 state dict")
+  flags.DEFINE_integer("image", 64, "pixels per side of the source images")
+  flags.DEFINE_enum("torch_dtype", "float32", tp.TORCH_DTYPES, "diffusers' and the ResNet's dtype")
   app.run(main)
