@@ -1,7 +1,7 @@
 """Our jitted in-painting sampler vs diffusers' PyTorch StableDiffusionInpaintPipeline, same run.
 
 Both sides: the same random SD-2-in-painting-shaped pipeline (built in PyTorch, `save_pretrained` to a
-temp folder, loaded by ours with `pipeline.load_inpaint_pipeline`), the same batch, prompts, starting
+temp folder, loaded by ours with `inpaint_pipeline.load_inpaint_pipeline`), the same batch, prompts, starting
 latents z_t = add_noise(z_in, eps, t0), full mask, 4-channel `masked_image_latents` given (so neither side
 VAE-encodes anything), PNDM, `--steps` 20 at strength 0.6 (12 UNet steps), guidance 8,
 output_type='latent'. Timed per call: prompt encoding + the guided denoising loop (+ the VAE decode with
@@ -32,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from synood_jax.diffusion import inpaint, pipeline, schedulers  # noqa: E402
+from synood_jax.diffusion import inpaint, inpaint_pipeline, schedulers  # noqa: E402
 
 common.define_model_flags()
 common.define_procedure_flags(refinement=False)
@@ -67,7 +67,7 @@ def main(argv):
   dev = tp.torch_device()
   tpipe = tp.load_torch_pipeline(folder, FLAGS.torch_dtype)
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
-  pipe, params = pipeline.load_inpaint_pipeline(folder, dtype=dtype)
+  pipe, params = inpaint_pipeline.load_inpaint_pipeline(folder, dtype=dtype)
   params = jax.device_put(params)
 
   text = common.prompts(B)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synood_jax import parallel
-from synood_jax.diffusion import inpaint, pipeline
+from synood_jax.diffusion import inpaint, inpaint_pipeline
 from synood_jax.models import resnet
 from synood_jax.synthesis import guidance, programs, refinement, synthesize as synthesis
 
@@ -38,7 +38,7 @@ class Ours:
   def __init__(self, folder: str, resnet_path: str, proc: common.Procedure, dtype=jnp.float32,
                attention: str = "auto", decode_chunk: int = 0):
     self.proc = proc
-    self.pipe, params = pipeline.load_inpaint_pipeline(folder, dtype=dtype, attention=attention)
+    self.pipe, params = inpaint_pipeline.load_inpaint_pipeline(folder, dtype=dtype, attention=attention)
     module, rparams = resnet.load(resnet_path, dtype=dtype)
     self.logits_fn, params["classifier"] = guidance.resnet50(module, rparams)
     self.mesh = parallel.make_mesh(devices=jax.devices()[:1])

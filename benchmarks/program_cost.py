@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synood_jax.diffusion import inpaint, pipeline, schedulers
+from synood_jax.diffusion import inpaint, inpaint_pipeline, schedulers
 from synood_jax.models import checkpoint_io, clip, clip_config, clip_modules, resnet, unet as unet_lib, vae as vae_lib
 from synood_jax.synthesis import guidance, programs, refinement
 
@@ -31,7 +31,7 @@ def abstract_pipeline(unet_cfg: dict, vae_cfg: dict, text_cfg: dict, scheduler_c
   vae = vae_lib.build(vae_cfg, dtype, attention=attention)
   text_config = clip_config.config_from_hf({"model_type": "clip_text_model", **text_cfg}, projection=False)
   text_module = clip_modules.CLIP(text_config, dtype=dtype, param_dtype=dtype, attention=attention)
-  pipe = pipeline.InpaintPipeline(
+  pipe = inpaint_pipeline.InpaintPipeline(
       unet=unet, vae=vae, text=clip.CLIPBundle(text_config, text_module, None), scaling_factor=vae.scaling_factor,
       scheduler=schedulers.inpaint_pipeline_scheduler(scheduler_cfg), folder="", sample_size=64)
   classifier = resnet.ResNet(dtype=dtype)
