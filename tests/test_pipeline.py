@@ -3,6 +3,7 @@ the fine-tuning losses fall, the tuned model beats zero-shot NegLabel on held-ou
 a synthesis killed with SIGKILL and rerun equals the uninterrupted run, the negative prompts are
 encoded once, and the README's example scores a folder with the exported model."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -37,10 +38,21 @@ def demo_run(tmp_path_factory):
     encoded.append(list(prompts))
     return encode(bundle, params, prompts, *args, **kwargs)
 
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(zero_shot, "encode_prompts", counting)
-    infos = runner.run(demo_config(), workdir)
-  return workdir, infos, encoded
+  lines = []  # every progress line the run logged
+  handler = logging.Handler()
+  handler.emit = lambda record: lines.append(record.getMessage())
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.addHandler(handler)
+  absl_logger.setLevel(logging.INFO)
+  try:
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(zero_shot, "encode_prompts", counting)
+      infos = runner.run(demo_config(), workdir)
+  finally:
+    absl_logger.removeHandler(handler)
+    absl_logger.setLevel(level)
+  return workdir, infos, encoded, lines
 
 
 def _losses(path):
@@ -52,7 +64,7 @@ def _losses(path):
 
 
 def test_every_stage_and_the_report(demo_run):
-  workdir, infos, _ = demo_run
+  workdir, infos, _, _ = demo_run
   assert list(infos) == list(stages.STAGES)
   report = open(infos["report"]["report"]).read()
   assert "| SynOOD |" in report and "| NegLabel |" in report and "report_grid.png" in report
@@ -84,7 +96,7 @@ def test_every_stage_and_the_report(demo_run):
 
 
 def test_refinement_moves_scores_toward_the_target(demo_run):
-  workdir, _, _ = demo_run
+  workdir, _, _, _ = demo_run
   manifest = [json.loads(line) for line in open(os.path.join(workdir, "synthesis", "manifest.jsonl"))]
   target = demo_config().synthesis.target
   dist = np.abs(np.asarray([m["scores"] for m in manifest]) - target).mean(axis=0)
@@ -93,7 +105,7 @@ def test_refinement_moves_scores_toward_the_target(demo_run):
 
 
 def test_losses_fall_and_tuned_beats_zero_shot(demo_run):
-  workdir, _, _ = demo_run
+  workdir, _, _, _ = demo_run
   s2 = _losses(os.path.join(workdir, "stage2_projection", "metrics.jsonl"))
   s3 = _losses(os.path.join(workdir, "stage3_negatives", "metrics.jsonl"))
   print(f"stage 2 loss per epoch: {np.round(s2, 3)}\nstage 3 loss per epoch: {np.round(s3, 3)}")
@@ -111,7 +123,7 @@ def _synthesize_cmd(workdir):
 
 
 def test_synthesis_killed_and_resumed_equals_clean_run(demo_run, tmp_path):
-  clean, _, _ = demo_run
+  clean, _, _, _ = demo_run
   workdir = str(tmp_path / "killed")
   manifest = os.path.join(workdir, "synthesis", "manifest.jsonl")
   proc = subprocess.Popen(_synthesize_cmd(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -143,7 +155,7 @@ def test_synthesis_killed_and_resumed_equals_clean_run(demo_run, tmp_path):
 def test_exported_model_reproduces_the_tuned_scores(demo_run, tmp_path):
   import shutil
   from synood_jax.pipeline import export
-  workdir, _, _ = demo_run
+  workdir, _, _, _ = demo_run
   model = export.load_tuned(os.path.join(workdir, "export"))
   results = json.load(open(os.path.join(workdir, "eval", "results.json")))
   saved = np.load(os.path.join(workdir, "eval", "scores.npz"))
@@ -157,7 +169,7 @@ def test_exported_model_reproduces_the_tuned_scores(demo_run, tmp_path):
 
 
 def test_negative_prompts_encoded_once_per_run(demo_run):
-  workdir, _, encoded = demo_run
+  workdir, _, encoded, _ = demo_run
   from synood_jax.labels import negative_labels as nl
   prompts = nl.load_label_list(os.path.join(workdir, "negative_labels.json")).prompts
   # Mining encodes every candidate word once (a superset); the kept prompts themselves once, by the
@@ -174,7 +186,7 @@ def _readme_example() -> str:
 
 
 def test_readme_example_scores_a_folder(demo_run, tmp_path, capsys):
-  workdir, _, _ = demo_run
+  workdir, _, _, _ = demo_run
   code = _readme_example()
   for placeholder, path in {"/runs/synood_b16/export": os.path.join(workdir, "export"),
                             "/data/my_photos": os.path.join(workdir, "data", "ood"),
@@ -198,3 +210,13 @@ def test_readme_example_scores_a_folder(demo_run, tmp_path, capsys):
   assert "| SynOOD |" in out and "| MCM |" in out
   assert "partial" not in out  # an ID set named after ImageNet's said "partial" (issue 19, case 7)
   assert min(scores.values()) == pytest.approx(float(out.split()[0]), abs=1e-4)  # printed first: the lowest
+
+
+def test_progress_line_counts_statuses_over_the_run(demo_run):
+  """The synthesis progress line's statuses are the run's so far (4 batches of 8 here), as the stage's
+  info and the report count them, not the last batch's."""
+  _, infos, _, lines = demo_run
+  done = [line for line in lines if line.startswith("synthesis: 32/32 ")]
+  assert done, [line for line in lines if line.startswith("synthesis:")][-3:]
+  counts = {k: v for k, v in infos["synthesis"]["status"].items() if v}
+  assert done[-1].endswith("; " + ", ".join(f"{k} {v}" for k, v in counts.items())), (done[-1], counts)
