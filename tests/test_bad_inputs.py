@@ -110,9 +110,9 @@ def test_truncated_jpeg_is_skipped_everywhere(tmp_path):
   assert [s.path for s in sel.skipped] == ["c/big.JPEG"] and "truncated" in sel.skipped[0].reason
   assert any(path in w and "does not decode" in w for w in seen)
   # synthesis (a file that broke after the sources stage): skipped with a warning naming it
-  recs = [({"path": "c/big.JPEG"}, "p"), ({"path": "c/small0.JPEG"}, "q")]
+  recs = [(sources.SourceRecord("c", 0, name, 1.0), p) for name, p in (("c/big.JPEG", "p"), ("c/small0.JPEG", "q"))]
   (images, kept), seen = _warnings(lambda: synthesis._load_images(recs, str(root), 32))
-  assert [r["path"] for r, _ in kept] == ["c/small0.JPEG"] and images[0].shape == (32, 32, 3)
+  assert [r.path for r, _ in kept] == ["c/small0.JPEG"] and images[0].shape == (32, 32, 3)
   assert any(path in w and "OSError" in w for w in seen)
   # evaluation: the loader leaves it out and names it
   ds = data.Dataset("x", [data.Record(str(root / "c" / f)) for f in ("small0.JPEG", "big.JPEG")])

@@ -241,7 +241,7 @@ def confident(tmp_path_factory):
   pipe, params = inpaint_pipeline.load_inpaint_pipeline(tiny_sd.make_tiny_inpaint_pipeline(str(root / "sd")))
   src = str(root / "src")
   demo_images.write_demo_images(src, {"a": ("stripes", 0.1), "b": ("rings", 0.6)}, 6, size=40)
-  recs = [vars(r) for r in sources.select_sources(src, per_class=6).records]
+  recs = list(sources.select_sources(src, per_class=6).records)
   # the tiny random VAE decodes textured noise: calibrate on noise, not on the sources
   logits_fn, cparams = _confident_resnet(np.random.default_rng(0).uniform(0, 1, (16, 32, 32, 3)))
   paper = imagenet_vitb16.get_config()
@@ -252,7 +252,7 @@ def confident(tmp_path_factory):
     c = ml_collections.ConfigDict(cfg.to_dict())
     c.update(overrides)
     return synthesize.synthesize(c, str(root / name), pipe, dict(params, classifier=cparams), logits_fn, src,
-                                 recs, [f"A photo only remain {r['class_name']}." for r in recs],
+                                 recs, [f"A photo only remain {r.class_name}." for r in recs],
                                  parallel.make_mesh(devices=jax.devices()[:1]))
   return dict(root=root, run=run, paper=paper, recs=recs)
 

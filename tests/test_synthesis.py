@@ -45,14 +45,14 @@ def world(tmp_path_factory):
   clip_dir = tiny.make_tiny_clip(str(root / "clip"))
   src = str(root / "src")
   demo_data.write_demo_images(src, {"a": ("stripes", 0.1), "b": ("rings", 0.6)}, N_SOURCES // 2, size=40)
-  recs = [vars(r) for r in sources.select_sources(src, per_class=N_SOURCES // 2).records]
+  recs = list(sources.select_sources(src, per_class=N_SOURCES // 2).records)
   assert len(recs) == N_SOURCES
   pipe, params = inpaint_pipeline.load_inpaint_pipeline(sd)
   bundle = clip.from_pretrained(clip_dir)
   text = zero_shot.class_text_features(bundle, bundle.params, CLASSNAMES, ["a photo of {}"], 8)
   logits_fn, cparams = guidance.clip_zero_shot(bundle, text)
   params = dict(params, classifier=cparams)
-  prompts = {r["path"]: f"A photo only remain {r['class_name']} number {i}." for i, r in enumerate(recs)}
+  prompts = {r.path: f"A photo only remain {r.class_name} number {i}." for i, r in enumerate(recs)}
   return dict(root=root, sd=sd, clip_dir=clip_dir, src=src, recs=recs, pipe=pipe, params=params, bundle=bundle,
               text=np.asarray(text), logits_fn=logits_fn, prompts=prompts)
 
@@ -69,7 +69,7 @@ def _synthesize(world, name, recs, n_devices):
   out_dir = str(world["root"] / name)
   mesh = parallel.make_mesh(devices=jax.devices()[:n_devices])
   manifest = synthesis.synthesize(_config(), out_dir, world["pipe"], world["params"], world["logits_fn"],
-                                  world["src"], recs, [world["prompts"][r["path"]] for r in recs], mesh)
+                                  world["src"], recs, [world["prompts"][r.path] for r in recs], mesh)
   return out_dir, {m["source"]: m for m in manifest}
 
 
@@ -223,7 +223,7 @@ def test_one_iteration_moves_score_toward_target(runs):
 
 def test_eight_devices_equal_one_device(runs, world):
   (dir1, man1), (dir8, man8) = runs["one"], runs["eight"]
-  assert list(man1) == list(man8) == [r["path"] for r in world["recs"][:BATCH]]
+  assert list(man1) == list(man8) == [r.path for r in world["recs"][:BATCH]]
   worst, worst_score = 0, 0.0
   for src, r1 in man1.items():
     r8 = man8[src]
@@ -242,7 +242,7 @@ def test_eight_devices_equal_one_device(runs, world):
 
 def test_batch_composition_does_not_change_an_image(runs, world):
   (dir_a, man_a), (dir_b, man_b) = runs["one"], runs["mixed"]
-  shared = [r["path"] for r in world["recs"][N_SOURCES - BATCH:BATCH]]
+  shared = [r.path for r in world["recs"][N_SOURCES - BATCH:BATCH]]
   assert len(shared) == 4 and all(s in man_a and s in man_b for s in shared)
   pos_a, pos_b = list(man_a), list(man_b)
   assert all(pos_a.index(s) != pos_b.index(s) for s in shared)
@@ -265,9 +265,9 @@ def _batch_args(world, recs, cfg, mesh):
   (fresh source images each time: the program donates them)."""
   pipe = world["pipe"]
   params = parallel.place_params(world["params"], mesh)
-  images = np.stack([synthesis.load_source_image(os.path.join(world["src"], r["path"]), IMAGE) for r in recs])
-  ids = np.array([synthesis.source_id(r["path"]) for r in recs], np.int32)
-  prompt_ids = np.asarray(pipe.tokenize([world["prompts"][r["path"]] for r in recs]))
+  images = np.stack([synthesis.load_source_image(os.path.join(world["src"], r.path), IMAGE) for r in recs])
+  ids = np.array([synthesis.source_id(r.path) for r in recs], np.int32)
+  prompt_ids = np.asarray(pipe.tokenize([world["prompts"][r.path] for r in recs]))
   return (params, *parallel.global_batch((images, ids, prompt_ids), mesh), jnp.asarray(pipe.tokenize([""])),
           programs.masked_image_latents(pipe, params["vae"], IMAGE),
           np.int32(inpaint.start_index(pipe.scheduler, cfg.steps, cfg.strength)),
@@ -282,7 +282,7 @@ def test_exact_vs_skip_gradient(world, runs):
   pipe, recs = world["pipe"], world["recs"][:BATCH]
   cfg = _config()
   mesh = parallel.make_mesh(devices=jax.devices()[:1])
-  ids = np.array([synthesis.source_id(r["path"]) for r in recs], np.int32)
+  ids = np.array([synthesis.source_id(r.path) for r in recs], np.int32)
   # The initial noise, drawn as synthesize_batch draws it: from (seed, source id).
   key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
   eps0 = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, int(i)), (LATENT, LATENT, 4), jnp.float32))
@@ -298,7 +298,7 @@ def test_exact_vs_skip_gradient(world, runs):
                      losses=np.asarray(losses))
   skip, exact = out["skip"]["update"], out["exact"]["update"]
   # skip mode is what the 1-device synthesis run did
-  np.testing.assert_allclose(out["skip"]["scores"].T, [runs["one"][1][r["path"]]["scores"] for r in recs],
+  np.testing.assert_allclose(out["skip"]["scores"].T, [runs["one"][1][r.path]["scores"] for r in recs],
                              rtol=1e-5, atol=1e-5)
   # same first iteration (same z0), so the same loss; only the direction of the update differs
   np.testing.assert_allclose(out["exact"]["losses"][0], out["skip"]["losses"][0], rtol=1e-5, atol=1e-6)
@@ -398,7 +398,7 @@ def official_world(world):
   module, rparams = resnet.load(path, layers=RESNET["layers"], width=RESNET["width"],
                                        num_classes=OFFICIAL["classes"])
   recs = world["recs"][:b]
-  sources_nhwc = np.stack([synthesis.load_source_image(os.path.join(world["src"], r["path"]), IMAGE) for r in recs])
+  sources_nhwc = np.stack([synthesis.load_source_image(os.path.join(world["src"], r.path), IMAGE) for r in recs])
   gen = torch.Generator().manual_seed(0)
   with torch.no_grad():
     z_in = pipe.vae.encode(_t(sources_nhwc)).latent_dist.sample(gen) * pipe.vae.config.scaling_factor
@@ -406,7 +406,7 @@ def official_world(world):
   ours_pipe, ours_params = world["pipe"], world["params"]
   masked = np.asarray(programs.masked_image_latents(ours_pipe, ours_params["vae"], IMAGE))
   masked = np.broadcast_to(masked, (b,) + masked.shape[1:]).copy()
-  prompts = [world["prompts"][r["path"]] for r in recs]
+  prompts = [world["prompts"][r.path] for r in recs]
   logits_fn, _ = guidance.resnet50(module, rparams, resize=OFFICIAL["resize"], crop=OFFICIAL["crop"])
   traces = []
 
@@ -552,7 +552,7 @@ def test_jpeg_outputs_and_another_procedure_is_refused(world, runs):
   import shutil
   recs = world["recs"][:BATCH]
   mesh = parallel.make_mesh(devices=jax.devices()[:1])
-  prompts = [world["prompts"][r["path"]] for r in recs]
+  prompts = [world["prompts"][r.path] for r in recs]
   out_dir = str(world["root"] / "jpeg")
   run = lambda cfg, d=out_dir: synthesis.synthesize(cfg, d, world["pipe"], world["params"], world["logits_fn"],
                                                     world["src"], recs, prompts, mesh)
@@ -615,7 +615,7 @@ def test_custom_sharding_rules_reach_the_programs_without_a_second_copy(world, t
   monkeypatch.setattr(programs, "BatchProgram", _SpyProgram)
   recs = world["recs"][:BATCH]
   synthesis.synthesize(_config(), str(tmp_path / "out"), world["pipe"], given, world["logits_fn"], world["src"],
-                       recs, [world["prompts"][r["path"]] for r in recs], mesh)
+                       recs, [world["prompts"][r.path] for r in recs], mesh)
   seen = _SpyProgram.seen
   assert seen["shardings"] == parallel.shardings_of(given)
   used, mine = jax.tree_util.tree_leaves(seen["params"]), jax.tree_util.tree_leaves(given)
@@ -637,7 +637,7 @@ def test_a_partial_config_gets_the_papers_procedure(world, tmp_path, monkeypatch
   recs = world["recs"][:BATCH]
   out = str(tmp_path / "out")
   made = synthesis.synthesize(partial, out, world["pipe"], world["params"], world["logits_fn"], world["src"], recs,
-                              [world["prompts"][r["path"]] for r in recs], parallel.make_mesh(devices=jax.devices()[:1]))
+                              [world["prompts"][r.path] for r in recs], parallel.make_mesh(devices=jax.devices()[:1]))
   assert made and all(m["output"].endswith("_ood.JPEG") for m in made)
   assert float(_SpyProgram.seen["hyper"].reference_batch) == 2.0
   recorded = json.loads(open(os.path.join(out, "procedure.json")).read())["config"]

@@ -91,24 +91,25 @@ def select_sources(ctx: RunContext) -> dict:
           "skipped": [dict(path=s.path, reason=s.reason) for s in selection.skipped]}
 
 
-def _records(path: str) -> list[dict]:
-  return [dataclasses.asdict(r) for r in sources.read_source_list(path)]
+def _records(path: str) -> list[sources.SourceRecord]:
+  """The selected sources: the one record type from selection to the synthesis manifest's lines."""
+  return list(sources.read_source_list(path))
 
 
-def _synthesize(ctx: RunContext, records: list[dict], source_root: str, out_dir: str) -> dict:
+def _synthesize(ctx: RunContext, records: list[sources.SourceRecord], source_root: str, out_dir: str) -> dict:
   """Synthesizes the sources that have a prompt; returns their counts per status and the unreadable ones."""
   c = ctx.config
   contexts = c.context.answers_file or {}
   prompts = context_prompts.prompts_for_sources(
       records, contexts, policy=c.context.policy, fallback_prompt=c.context.fallback_prompt,
       template=c.context.template, max_chars=c.context.max_chars)
-  kept = [r for r in records if r["path"] in prompts.prompts]
+  kept = [r for r in records if r.path in prompts.prompts]
   pipe, params, logits_fn = ctx.synthesis_models
   made = synthesis.synthesize(c.synthesis, out_dir, pipe, params, logits_fn, source_root, kept,
-                              [prompts.prompts[r["path"]] for r in kept], ctx.mesh)
+                              [prompts.prompts[r.path] for r in kept], ctx.mesh)
   done = {m["source"] for m in made}
   return {"images": len(made), "status": health.counts([health.status_of(m) for m in made]),
-          "unreadable_sources": [r["path"] for r in kept if r["path"] not in done]}
+          "unreadable_sources": [r.path for r in kept if r.path not in done]}
 
 
 def synthesize_images(ctx: RunContext) -> dict:
@@ -119,7 +120,7 @@ def synthesize_images(ctx: RunContext) -> dict:
   if ctx.config.data.get("generate"):
     held = sources.select_sources(root["val"], per_class=None,
                                   class_index=ctx.class_index(root["val"]).index).records
-    info["heldout"] = _synthesize(ctx, [dataclasses.asdict(r) for r in held], root["val"],
+    info["heldout"] = _synthesize(ctx, list(held), root["val"],
                                   ctx.wd.synthesis_heldout)
   ctx.release_synthesis_models()  # the later stages need no UNet, VAE or their params
   return info
@@ -157,7 +158,7 @@ def encode_features(ctx: RunContext) -> dict:
   except ValueError as e:
     raise data.DataError(f"features: {e}") from None
   id_feats, id_rows, id_bad = _encode_files(
-      ctx, "id_sources", [data.Record(os.path.join(root, r["path"]), r["class_index"]) for r in src])
+      ctx, "id_sources", [data.Record(os.path.join(root, r.path), r.class_index) for r in src])
   src = [src[i] for i in id_rows]
   syn_feats, syn_rows, syn_bad = _encode_files(
       ctx, "synthetic", [data.Record(os.path.join(syn_dir, m["output"])) for m in manifest])
@@ -168,7 +169,7 @@ def encode_features(ctx: RunContext) -> dict:
     nl.write_pseudo_labels(ctx.wd.pseudo_labels, [m["output"] for m in manifest], mined,
                            ctx.negatives.words)
     _save_npz(ctx.wd.features, id_features=id_feats,
-              id_labels=np.asarray([r["class_index"] for r in src], np.int32), syn_features=syn_feats,
+              id_labels=np.asarray([r.class_index for r in src], np.int32), syn_features=syn_feats,
               syn_negative=mined.astype(np.int32), distinct=distinct.astype(np.int32))
   return {"id_images": len(src), "synthetic_images": len(manifest), "distinct_negative_labels": int(distinct.size),
           "unreadable": {"id_sources": id_bad, "synthetic": syn_bad}}

@@ -27,9 +27,10 @@ def manifest_path(out_dir: str) -> str:
   return os.path.join(out_dir, "manifest.jsonl")
 
 
-def output_relpath(record: dict, image_format: str) -> str:
-  stem = os.path.splitext(os.path.basename(record["path"]))[0]
-  return os.path.join(record["class_name"], f"{stem}_ood{IMAGE_FORMATS[image_format]}")
+def output_relpath(record, image_format: str) -> str:
+  """`<class>/<stem>_ood.<ext>` for a `sources.SourceRecord`."""
+  stem = os.path.splitext(os.path.basename(record.path))[0]
+  return os.path.join(record.class_name, f"{stem}_ood{IMAGE_FORMATS[image_format]}")
 
 
 def read_records(path: str) -> dict[str, dict]:

@@ -37,6 +37,7 @@ from synood_jax import config as config_lib, decode, fileio, parallel, runtime
 from synood_jax.diffusion import inpaint
 from synood_jax.progress import Progress
 from synood_jax.synthesis import guidance, health, manifest, procedure, programs, refinement
+from synood_jax.synthesis.sources import SourceRecord
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ def _load_images(chunk: Sequence[tuple[dict, str]], root: str, size: int):
   naming it (the stage counts the sources missing from the manifest)."""
   images, kept = [], []
   for rec, prompt in chunk:
-    path = os.path.join(root, rec["path"])
+    path = os.path.join(root, rec.path)
     try:
       images.append(load_source_image(path, size))
       kept.append((rec, prompt))
@@ -171,7 +172,7 @@ def _run_batches(settings: Settings, out_dir, own_manifest, pipe, params, logits
     n_real = len(chunk)
     if n_real == 0:  # an idle process (or a batch of unreadable files) takes part with a dummy row
       chunk, images = [filler], [np.zeros((config.image_size, config.image_size, 3), np.float32)]
-    ids = np.array([source_id(r["path"]) for r, _ in chunk], np.int32)
+    ids = np.array([source_id(r.path) for r, _ in chunk], np.int32)
     prompt_ids = np.asarray(pipe.tokenize([p for _, p in chunk]))
     arrays = tuple(parallel.pad_batch(x, local_batch)[0] for x in (np.stack(images), ids, prompt_ids))
     return chunk[:n_real], arrays
@@ -184,7 +185,7 @@ def _run_batches(settings: Settings, out_dir, own_manifest, pipe, params, logits
     for j, (rec, prompt) in enumerate(rows):
       pixels = np.round(np.nan_to_num(out[offset + j]) * 255).astype(np.uint8)
       s = [float(v) for v in scores[:, offset + j]]
-      entry = {"source": rec["path"], "class_name": rec["class_name"], "class_index": rec["class_index"],
+      entry = {"source": rec.path, "class_name": rec.class_name, "class_index": rec.class_index,
                "output": manifest.output_relpath(rec, config.image_format), "prompt": prompt, "seed": int(config.seed),
                "source_id": int(ids[j]), "scores": s, "losses": [float(v) for v in losses[:, offset + j]],
                "num_classes": num_classes, "status": statuses[j],
@@ -236,7 +237,7 @@ def _run_batches(settings: Settings, out_dir, own_manifest, pipe, params, logits
 
 
 def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, source_root: str,
-               sources: Sequence[dict], prompts: Sequence[str], mesh) -> list[dict]:
+               sources: Sequence[SourceRecord], prompts: Sequence[str], mesh) -> list[dict]:
   """Synthesize one image per source (with prompt) into out_dir; returns every source's manifest record
   (all processes', in source order).
 
@@ -251,7 +252,7 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
   """
   config = Settings.from_config(config)
   nproc, me = jax.process_count(), jax.process_index()
-  order = [r["path"] for r in sources]
+  order = [r.path for r in sources]
   manifest_path = manifest.manifest_path(out_dir)
   if fileio.is_writer():
     fileio.makedirs(out_dir)
@@ -259,7 +260,7 @@ def synthesize(config, out_dir: str, pipe, params: dict, logits_fn: Callable, so
     manifest.consolidate(out_dir, order, check_outputs=True)
   runtime.barrier(f"synthesis {out_dir}: resume state merged")
   done = manifest.read_records(manifest_path)
-  todo = [(r, p) for r, p in zip(sources, prompts) if r["path"] not in done]
+  todo = [(r, p) for r, p in zip(sources, prompts) if r.path not in done]
   mine = todo[me::nproc]
   logging.info("synthesis: %d sources, %d done, %d to go (%d for process %d)", len(sources), len(done),
                len(todo), len(mine), me)
