@@ -49,6 +49,8 @@ flags.DEFINE_bool("cold_child", False, "internal: run one batch of ours in this 
 flags.DEFINE_string("cache_dir", "", "internal: the compile cache of a cold run")
 flags.DEFINE_string("folder", "", "internal: the pipeline folder of a cold run")
 flags.DEFINE_string("resnet", "", "internal: the ResNet-50 state dict of a cold run")
+flags.DEFINE_list("also_attention", [], "also time ours with these attention kernels (e.g. xla: the CPU path "
+                  "before xla_loop), interleaved with the two sides")
 FLAGS = flags.FLAGS
 
 
@@ -95,8 +97,12 @@ def main(argv):
   sources, prompts, ids = batch_inputs(B, image)
   ours = Ours(folder, resnet_path, proc)
   official = Official(folder, resnet_path, proc, FLAGS.torch_dtype)
-  res = timing.interleaved({"official (torch)": (lambda: official.run(sources, prompts), None),
-                            "ours": (lambda: ours.run(sources, prompts, ids), None)}, FLAGS.repeats)
+  sides = {"official (torch)": (lambda: official.run(sources, prompts), None),
+           "ours": (lambda: ours.run(sources, prompts, ids), None)}
+  for kernel in FLAGS.also_attention:
+    other = Ours(folder, resnet_path, proc, attention=kernel)
+    sides[f"ours, attention={kernel}"] = (lambda o=other: o.run(sources, prompts, ids), None)
+  res = timing.interleaved(sides, FLAGS.repeats)
   theirs, mine = res["official (torch)"], res["ours"]
 
   kept = len(schedulers.get_timesteps(ours.pipe.scheduler, proc.steps, proc.strength)[0])
@@ -116,7 +122,10 @@ def main(argv):
   print(f"  our compile time (first call - warm median): {mine.first.seconds - mine.median:.1f} s")
   print(f"  ours / official, warm (images/s):          {theirs.median / mine.median:.2f}x")
   print(f"  ours / official, first call incl. compile: {theirs.first.seconds / mine.first.seconds:.2f}x")
-  timings = theirs.all + mine.all
+  for name in list(res)[2:]:
+    print(f"  {name} / official, warm (images/s): {theirs.median / res[name].median:.2f}x; "
+          f"ours / {name}: {res[name].median / mine.median:.2f}x")
+  timings = [t for runs in res.values() for t in runs.all]
   if FLAGS.cold:
     cold = cold_runs(folder, resnet_path, proc, sizes, image)
     print(f"  {'cold process (one batch)':26s} {'wall s':>9s} {'load+import s':>14s} {'arguments s':>12s} "

@@ -58,6 +58,17 @@ def test_xla_kernel_bfloat16_keeps_float32_softmax():
   _check("xla", q, k, v, False, 2e-2)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_xla_loop_kernel_matches_torch(causal):
+  """The CPU kernel: 1024 queries (one block per row and head), 2048 (two blocks: the causal mask's
+  offset per block), cross-attention over 77 keys, and the VAE mid-block's 128-wide single head."""
+  _check("xla_loop", *_qkv(2, 1024, 1024, 3, 8), causal, 1e-5)
+  _check("xla_loop", *_qkv(1, 2048, 2048, 2, 16), causal, 1e-5)
+  _check("xla_loop", *_qkv(2, 1024, 77, 2, 8), False, 1e-5)
+  _check("xla_loop", *_qkv(1, 1024, 1024, 1, 128), causal, 1e-5)
+  _check("xla_loop", *_qkv(1, 1024, 1024, 2, 32, dtype=jnp.bfloat16), causal, 2e-2)
+
+
 def test_pallas_tpu_kernel_at_sd2_shape_interpret_mode():
   """SD-2's 64x64 self-attention: 4096 tokens, head dim 64 (one head, batch 1: interpret mode is slow)."""
   q, k, v = _qkv(1, 4096, 4096, 1, 64)
@@ -148,7 +159,8 @@ def test_calls_cudnn_refuses_are_the_ones_its_lowering_refuses(pretend_cudnn):
 def test_resolve_per_backend_and_fallbacks(monkeypatch, caplog):
   q77, k77, _ = _qkv(1, 77, 77, 2, 64, dtype=jnp.bfloat16)
   q4k, k4k, _ = _qkv(1, 4096, 4096, 1, 64, dtype=jnp.bfloat16)
-  assert attention.resolve("auto", q4k, k4k) == "xla"                         # this CPU
+  assert attention.resolve("auto", q4k, k4k) == "xla_loop"                    # this CPU, 4096 queries
+  assert attention.resolve("auto", q77, k77) == "xla"                        # few queries: batched
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert attention.resolve("auto", q4k, k4k) == "cudnn"
   assert attention.resolve("auto", q4k.astype(jnp.float32), k4k) == "xla"   # fp32 networks
@@ -180,5 +192,13 @@ def test_pallas_kernel_runs_per_device_under_a_mesh():
     exported = jax.export.export(jax.jit(lambda *a: attention.attention(*a, kernel="pallas_tpu"),
                                          in_shardings=rows, out_shardings=rows), platforms=["tpu"])(q, k, v)
   assert _rel(wrapped, attention.xla_attention(q, k, v)) <= 1e-6
+  q, k, v = (jax.device_put(t, rows) for t in _qkv(8, 1024, 1024, 2, 8))
+  with jax.set_mesh(mesh):
+    looped = jax.jit(lambda *a: attention.attention(*a, kernel="xla_loop"), in_shardings=rows,
+                     out_shardings=rows)
+    text = looped.lower(q, k, v).as_text()
+    out = looped(q, k, v)
+  assert "shard_map" in text or "manual" in text  # each device loops over its own rows only
+  assert _rel(out, attention.xla_attention(q, k, v)) <= 1e-5
   calls = [line for line in exported.mlir_module().splitlines() if "tpu_custom_call" in line]
   assert calls and all("tensor<1x2x256x64xf32>" in line for line in calls), calls[:1]

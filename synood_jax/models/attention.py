@@ -5,15 +5,19 @@ in float32 whatever the compute dtype (diffusers' upcast_attention / upcast_soft
 
 Kernels (`KERNELS`: adding one is one function and one registry line):
   xla         two matmuls with float32 logits materialised as [B, heads, Tq, Tk]; runs everywhere.
+  xla_loop    the same math one (row, head) pair and up to 1024 queries at a time in a loop, so each
+              [Tq, Tk] block of logits stays in the CPU's cache; the softmax is normalised after the second
+              matmul. For CPUs, calls with at least 1024 queries (SD's 64x64 and 32x32 levels, the VAE
+              mid-block); smaller ones run faster batched, on xla.
   cudnn       cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`): fused, float32
               softmax statistics inside the kernel; bf16/fp16, head dim a multiple of 8 up to 256 (128 before
               Hopper), and even sequence lengths (its backward pass refuses odd ones, e.g. 77 text tokens).
   pallas_tpu  the Pallas TPU flash-attention kernel, float32 statistics inside; sequence lengths multiples
               of 128 (its key blocks are lane-aligned).
-`kernel="auto"` picks per backend: cudnn on GPU, pallas_tpu on TPU, xla on CPU. A call the chosen kernel
+`kernel="auto"` picks per backend: cudnn on GPU, pallas_tpu on TPU, xla_loop on CPU. A call the chosen kernel
 cannot take (cross-attention over 77 text tokens, the VAE's 512-wide single head on cuDNN, fp32 on cuDNN)
 runs on xla: the big self-attentions at 4096 tokens are the ones that need fusing, and they fit every kernel.
-The Pallas kernel runs per device over the batch axes of the mesh set with `jax.set_mesh` (the synthesis
+The Pallas and loop kernels run per device over the batch axes of the mesh set with `jax.set_mesh` (the synthesis
 programs set it); cuDNN's call is partitioned by jax itself.
 """
 from __future__ import annotations
@@ -30,8 +34,9 @@ from jax.sharding import PartitionSpec as P
 
 from synood_jax.parallel import BATCH_AXES
 
-CHOICES = ("auto", "xla", "cudnn", "pallas_tpu")
-AUTO = {"gpu": "cudnn", "cuda": "cudnn", "rocm": "xla", "tpu": "pallas_tpu"}
+CHOICES = ("auto", "xla", "xla_loop", "cudnn", "pallas_tpu")
+AUTO = {"cpu": "xla_loop", "gpu": "cudnn", "cuda": "cudnn", "rocm": "xla", "tpu": "pallas_tpu"}
+LOOP_MIN_QUERIES = 1024  # below this the batched xla path measured faster on a CPU (README: CPU attention)
 
 
 def xla_attention(q, k, v, causal: bool = False):
@@ -44,6 +49,43 @@ def xla_attention(q, k, v, causal: bool = False):
     logits = jnp.where(jnp.tril(jnp.ones((tq, tk), bool)), logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.swapaxes(jnp.matmul(weights, v), 1, 2)
+
+
+def xla_loop_attention(q, k, v, causal: bool = False):
+  """The XLA math in a loop over (row, head) pairs and query blocks of up to 1024. The batched path writes
+  and rereads all of [B, heads, Tq, Tk] several times (logits, max, exp, sum, weights): at SD's 32x32
+  level, 8 heads, batch 4, that is 128 MB per call, far beyond a CPU's cache. One block is 4 MB.
+  out = (exp(l - max l) v) / sum exp(l - max l): normalising the [Tq, d] output instead of the [Tq, Tk]
+  weights saves a pass over the block (and about a third of the gradient's time)."""
+  b, tq, heads, d = q.shape
+  tk = k.shape[1]
+  block = LOOP_MIN_QUERIES if tq > LOOP_MIN_QUERIES and tq % LOOP_MIN_QUERIES == 0 else tq
+  qs = jnp.swapaxes(q, 1, 2).reshape(b * heads, tq // block, block, d)
+  ks, vs = (jnp.swapaxes(t, 1, 2).reshape(b * heads, tk, d) for t in (k, v))
+
+  def one_block(q_block, k_pair, v_pair, first_query):
+    logits = jnp.matmul(q_block, k_pair.T, preferred_element_type=jnp.float32) * d ** -0.5
+    if causal:
+      rows = first_query + jnp.arange(block)[:, None]
+      logits = jnp.where(jnp.arange(tk)[None, :] <= rows, logits, jnp.finfo(jnp.float32).min)
+    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+    out = jnp.matmul(weights.astype(v_pair.dtype), v_pair, preferred_element_type=jnp.float32)
+    return (out / weights.sum(-1, keepdims=True)).astype(v_pair.dtype)
+
+  def one_pair(args):
+    q_pair, k_pair, v_pair = args
+    starts = jnp.arange(q_pair.shape[0]) * block
+    return jax.lax.map(lambda a: one_block(a[0], k_pair, v_pair, a[1]), (q_pair, starts))
+
+  out = jax.lax.map(one_pair, (qs, ks, vs))
+  return jnp.swapaxes(out.reshape(b, heads, tq, d), 1, 2)
+
+
+def xla_loop_refusal(q, k, causal: bool) -> str | None:
+  del k, causal
+  if q.shape[1] < LOOP_MIN_QUERIES:
+    return f"{q.shape[1]} queries (the loop pays off from {LOOP_MIN_QUERIES})"
+  return None
 
 
 def cudnn_attention(q, k, v, causal: bool = False):
@@ -74,17 +116,18 @@ def _tpu_block(n: int) -> int:
   return next(b for b in (512, 256, 128) if n % b == 0)
 
 
-def per_device(kernel: Callable) -> Callable:
+def per_device(kernel: Callable, name: str = "pallas_tpu") -> Callable:
   """`kernel` run on each device's rows (shard_map over the batch axes of the mesh set with
   `jax.set_mesh`). XLA cannot partition a Pallas call ("Mosaic kernels cannot be automatically
-  partitioned"), so a sharded batch needs this."""
+  partitioned"), so a sharded batch needs this; a loop over rows would otherwise loop over every
+  device's rows in turn."""
   def run(q, k, v, causal: bool = False):
     mesh = jax.sharding.get_abstract_mesh()
     axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
     devices = math.prod(mesh.shape[a] for a in axes) if axes else 1
     if devices == 1 or q.shape[0] % devices:
-      if jax.device_count() > 1:
-        _warn_once("pallas_tpu", f"{q.shape[0]} rows outside a mesh context (jax.set_mesh) that splits them: "
+      if jax.device_count() > 1 and name == "pallas_tpu":
+        _warn_once(name, f"{q.shape[0]} rows outside a mesh context (jax.set_mesh) that splits them: "
                    "fine on one device; a batch sharded over several is refused by XLA, which cannot "
                    "partition a Pallas call")
       return kernel(q, k, v, causal)
@@ -121,6 +164,7 @@ class Kernel:
 
 KERNELS = {
     "xla": Kernel(xla_attention, lambda q, k, causal: None),
+    "xla_loop": Kernel(per_device(xla_loop_attention, "xla_loop"), xla_loop_refusal),
     "cudnn": Kernel(cudnn_attention, cudnn_refusal),
     "pallas_tpu": Kernel(per_device(pallas_tpu_attention), pallas_tpu_refusal),
 }
