@@ -28,7 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.models.sd_path = ""                 # diffusers stabilityai/stable-diffusion-2-inpainting; '' makes a tiny one
   c.models.dtype = "float32"            # networks; latents and scheduler stay float32
   # Attention kernel of every network (models/attention.py): 'auto' = cuDNN flash on GPU, Pallas flash on
-  # TPU, XLA on CPU; or force 'xla', 'cudnn', 'pallas_tpu'. Speed only: no stage reruns when it changes.
+  # TPU, the cache-sized XLA loop on CPU; or force 'xla', 'xla_loop', 'cudnn', 'pallas_tpu'. Speed only:
+  # no stage reruns when it changes.
   c.models.attention = "auto"
   c.models.tiny_clip = ml_collections.ConfigDict()
 
