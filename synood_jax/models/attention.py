@@ -36,7 +36,7 @@ from synood_jax.parallel import BATCH_AXES
 
 CHOICES = ("auto", "xla", "xla_loop", "cudnn", "pallas_tpu")
 AUTO = {"cpu": "xla_loop", "gpu": "cudnn", "cuda": "cudnn", "rocm": "xla", "tpu": "pallas_tpu"}
-LOOP_MIN_QUERIES = 1024  # below this the batched xla path measured faster on a CPU (README: CPU attention)
+LOOP_MIN_QUERIES = 1024  # below this the batched xla path measured as fast or faster on a CPU
 
 
 def xla_attention(q, k, v, causal: bool = False):
@@ -116,20 +116,20 @@ def _tpu_block(n: int) -> int:
   return next(b for b in (512, 256, 128) if n % b == 0)
 
 
-def per_device(kernel: Callable, name: str = "pallas_tpu") -> Callable:
+def per_device(kernel: Callable, unsplit_warning: str | None = None) -> Callable:
   """`kernel` run on each device's rows (shard_map over the batch axes of the mesh set with
   `jax.set_mesh`). XLA cannot partition a Pallas call ("Mosaic kernels cannot be automatically
   partitioned"), so a sharded batch needs this; a loop over rows would otherwise loop over every
-  device's rows in turn."""
+  device's rows in turn. `unsplit_warning` is logged once when several devices exist but no mesh context
+  splits the rows."""
   def run(q, k, v, causal: bool = False):
     mesh = jax.sharding.get_abstract_mesh()
     axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
     devices = math.prod(mesh.shape[a] for a in axes) if axes else 1
     if devices == 1 or q.shape[0] % devices:
-      if jax.device_count() > 1 and name == "pallas_tpu":
-        _warn_once(name, f"{q.shape[0]} rows outside a mesh context (jax.set_mesh) that splits them: "
-                   "fine on one device; a batch sharded over several is refused by XLA, which cannot "
-                   "partition a Pallas call")
+      if jax.device_count() > 1 and unsplit_warning:
+        _warn_once(kernel.__name__, f"{q.shape[0]} rows outside a mesh context (jax.set_mesh) that splits them: "
+                   + unsplit_warning)
       return kernel(q, k, v, causal)
     spec = P(axes)
     return jax.shard_map(functools.partial(kernel, causal=causal), in_specs=(spec,) * 3, out_specs=spec,
@@ -164,9 +164,10 @@ class Kernel:
 
 KERNELS = {
     "xla": Kernel(xla_attention, lambda q, k, causal: None),
-    "xla_loop": Kernel(per_device(xla_loop_attention, "xla_loop"), xla_loop_refusal),
+    "xla_loop": Kernel(per_device(xla_loop_attention), xla_loop_refusal),
     "cudnn": Kernel(cudnn_attention, cudnn_refusal),
-    "pallas_tpu": Kernel(per_device(pallas_tpu_attention), pallas_tpu_refusal),
+    "pallas_tpu": Kernel(per_device(pallas_tpu_attention, "fine on one device; a batch sharded over several is "
+                                    "refused by XLA, which cannot partition a Pallas call"), pallas_tpu_refusal),
 }
 
 
